@@ -1,0 +1,34 @@
+/// Per-thread bookkeeping of the request a thread is inside (value of the
+/// `INFLIGHT` map, keyed by the kernel thread id).
+///
+/// Written by the entry probe, touched by `sched_switch` when the thread
+/// switches out, read by the agent's deadline scan.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Inflight {
+    /// `CLOCK_BOOTTIME` nanoseconds at the outermost entry.
+    pub start_ns: u64,
+    /// `start_ns` plus the target's timeout.
+    pub deadline_ns: u64,
+    /// When the thread last switched out (`CLOCK_BOOTTIME` ns).
+    pub off_cpu_since_ns: u64,
+    /// Number of times the thread switched out since the request started.
+    /// Lets the agent notice a thread that ran between two of its reads.
+    pub switch_outs: u64,
+    /// Process id (kernel tgid) of the thread.
+    pub tgid: u32,
+    /// Index of the target (probe set) that started the request.
+    pub target: u32,
+    /// Nesting depth of the entry function (function-scoped requests).
+    pub depth: u32,
+    /// `prev_state` at the last switch-out, or [`OFF_CPU_PREEMPTED`] when the
+    /// thread was still runnable (preempted or yielded).
+    pub off_cpu_state: u32,
+    /// Non-zero once a stall report for this request reached the ring buffer.
+    pub reported: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<Inflight>() == 56);
+
+/// `off_cpu_state` of a thread that was runnable when it switched out.
+pub const OFF_CPU_PREEMPTED: u32 = 0;

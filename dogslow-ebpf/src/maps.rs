@@ -1,0 +1,43 @@
+//! Every map and load-time global of the object, in one place.
+use aya_ebpf::{
+    Global,
+    macros::map,
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
+};
+use dogslow_common::{CaptureSettings, Inflight, KernelOffsets, MAX_TARGETS, TargetConfig, stat};
+
+/// Thread id -> the request it is in. Preallocated and bounded; the agent
+/// sets the size (`--max-inflight`). A full map is counted, never silent.
+#[map]
+pub static INFLIGHT: HashMap<u32, Inflight> = HashMap::with_max_entries(16384, 0);
+
+/// Attach cookie -> the target's timeout and flags.
+#[map]
+pub static TARGETS: Array<TargetConfig> = Array::with_max_entries(MAX_TARGETS, 0);
+
+/// Stall captures and completion records for the agent.
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(16 << 20, 0);
+
+/// One counter per failure path (see `dogslow_common::stat`).
+#[map]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
+
+#[unsafe(no_mangle)]
+pub static OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets::UNSET);
+
+#[unsafe(no_mangle)]
+pub static SETTINGS: Global<CaptureSettings> = Global::new(CaptureSettings {
+    user_stack_bytes: dogslow_common::DEFAULT_USER_STACK_COPY,
+    _pad: 0,
+});
+
+/// Adds one to counter `index` of `STATS` on this CPU.
+#[inline(always)]
+pub fn count(index: u32) {
+    if let Some(counter) = STATS.get_ptr_mut(index) {
+        // SAFETY: the pointer is this CPU's slot of a per-CPU array and
+        // programs do not nest on one CPU for the same counter update.
+        unsafe { *counter += 1 };
+    }
+}

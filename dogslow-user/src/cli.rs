@@ -1,0 +1,187 @@
+//! The command line. Everything here turns into a plain `AgentConfig`.
+use std::{path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+use thiserror::Error;
+
+use crate::{
+    config::{AgentConfig, DEFAULT_MAX_INFLIGHT, DEFAULT_SAMPLE_HZ, TargetSpec},
+    probe_spec::ProbeSpec,
+};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "dogslow",
+    version,
+    about = "Report requests that run past their deadline, with the stack of the thread stuck in them",
+    long_about = "dogslow watches request boundaries in running processes with uprobes and, when a \
+                  request runs past its deadline, captures where its thread is (running or blocked), \
+                  symbolizes the stack and prints a JSON report on stdout."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Watch processes for requests that run past a deadline.
+    Attach(AttachArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AttachArgs {
+    /// Process to watch (repeatable).
+    #[arg(long = "pid", value_name = "PID", required_unless_present = "binaries")]
+    pub pids: Vec<u32>,
+
+    /// Watch every process running this executable, now and later (repeatable).
+    #[arg(long = "binary", value_name = "PATH")]
+    pub binaries: Vec<PathBuf>,
+
+    /// Where a request starts: FUNCTION, LIBRARY:FUNCTION (e.g. libc.so.6:recv),
+    /// FUNCTION+OFFSET, 0xFILE_OFFSET or usdt:PROVIDER:NAME.
+    #[arg(long, value_name = "PROBE", value_parser = parse_probe)]
+    pub entry: ProbeSpec,
+
+    /// Where a request ends (the same thread entering it). Without it a
+    /// request is one call of the entry function, ending when it returns.
+    #[arg(long, value_name = "PROBE", value_parser = parse_probe)]
+    pub exit: Option<ProbeSpec>,
+
+    /// Deadline after which a running request is reported (e.g. 250ms, 2s, 1m).
+    #[arg(long, value_name = "DURATION", default_value = "25s", value_parser = parse_timeout)]
+    pub timeout: Duration,
+
+    /// Rate of the cpu-clock sampler that catches threads stalled on a CPU.
+    #[arg(long, value_name = "HZ", default_value_t = DEFAULT_SAMPLE_HZ,
+          value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub sample_hz: u64,
+
+    /// Stop after this long (SIGINT and SIGTERM also stop cleanly).
+    #[arg(long, value_name = "DURATION", value_parser = parse_positive_duration)]
+    pub duration: Option<Duration>,
+
+    /// Most requests tracked at once across all threads; more are counted as dropped.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_INFLIGHT,
+          value_parser = clap::value_parser!(u32).range(16..=1_048_576))]
+    pub max_inflight: u32,
+
+    /// Bytes of user stack copied at a stall for DWARF unwinding (4096..=65536).
+    #[arg(long, value_name = "BYTES", default_value_t = dogslow_common::DEFAULT_USER_STACK_COPY,
+          value_parser = clap::value_parser!(u32).range(4096..=dogslow_common::MAX_USER_STACK_COPY as i64))]
+    pub user_stack_bytes: u32,
+}
+
+#[derive(Debug, Error)]
+pub enum CliError {
+    #[error("give at least one --pid or --binary")]
+    NoTarget,
+}
+
+fn parse_probe(text: &str) -> Result<ProbeSpec, String> {
+    text.parse()
+        .map_err(|err: crate::probe_spec::ProbeSpecError| err.to_string())
+}
+
+/// A human duration (`250ms`, `2s`, `1m`, `1h30m`); bare numbers are seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if let Ok(seconds) = text.parse::<f64>() {
+        if seconds.is_finite() && seconds >= 0.0 {
+            return Ok(Duration::from_secs_f64(seconds));
+        }
+    }
+    humantime::parse_duration(text).map_err(|err| {
+        format!("`{text}` is not a duration ({err}); write e.g. 250ms, 2s, 1m or 1h30m")
+    })
+}
+
+fn parse_positive_duration(text: &str) -> Result<Duration, String> {
+    let duration = parse_duration(text)?;
+    if duration.is_zero() {
+        return Err("must be greater than zero".into());
+    }
+    Ok(duration)
+}
+
+fn parse_timeout(text: &str) -> Result<Duration, String> {
+    let timeout = parse_duration(text)?;
+    if timeout.is_zero() {
+        return Err(
+            "a zero timeout would report every request; give a deadline such as 500ms or 25s"
+                .into(),
+        );
+    }
+    if timeout < Duration::from_millis(1) {
+        return Err("the timeout must be at least 1ms".into());
+    }
+    Ok(timeout)
+}
+
+impl AttachArgs {
+    pub fn into_config(self) -> Result<AgentConfig, CliError> {
+        if self.pids.is_empty() && self.binaries.is_empty() {
+            return Err(CliError::NoTarget);
+        }
+        Ok(AgentConfig {
+            targets: vec![TargetSpec {
+                name: self.entry.text.clone(),
+                pids: self.pids,
+                binaries: self.binaries,
+                entry: self.entry,
+                exit: self.exit,
+                timeout: self.timeout,
+            }],
+            sample_hz: self.sample_hz,
+            duration: self.duration,
+            max_inflight: self.max_inflight,
+            user_stack_bytes: self.user_stack_bytes,
+            scan_interval: Duration::from_millis(10),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+        assert!(
+            parse_duration("soon")
+                .unwrap_err()
+                .contains("not a duration")
+        );
+    }
+
+    #[test]
+    fn timeouts_must_be_positive() {
+        assert!(parse_timeout("0s").unwrap_err().contains("zero"));
+        assert!(parse_timeout("0").unwrap_err().contains("zero"));
+        assert!(parse_timeout("abc").is_err());
+        assert_eq!(parse_timeout("300ms"), Ok(Duration::from_millis(300)));
+    }
+
+    #[test]
+    fn attach_defaults() {
+        let cli = Cli::try_parse_from(["dogslow", "attach", "--pid", "1", "--entry", "f"]).unwrap();
+        let Command::Attach(args) = cli.command;
+        let config = args.into_config().unwrap();
+        assert_eq!(config.targets[0].timeout, Duration::from_secs(25));
+        assert_eq!(config.sample_hz, 99);
+        assert_eq!(config.targets[0].exit, None);
+        assert_eq!(config.targets[0].pids, vec![1]);
+    }
+
+    #[test]
+    fn attach_needs_a_target_and_an_entry() {
+        assert!(Cli::try_parse_from(["dogslow", "attach", "--entry", "f"]).is_err());
+        assert!(Cli::try_parse_from(["dogslow", "attach", "--pid", "1"]).is_err());
+        assert!(Cli::try_parse_from(["dogslow", "attach", "--pid", "x", "--entry", "f"]).is_err());
+    }
+}

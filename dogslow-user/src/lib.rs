@@ -1,0 +1,19 @@
+//! dogslow's userspace agent, as a library so that its pieces are testable
+//! without root: decoding, bookkeeping, unwinding, symbolization, reports.
+pub mod agent;
+pub mod cli;
+pub mod config;
+pub mod elf;
+pub mod events;
+pub mod kernel_btf;
+pub mod loader;
+pub mod privileges;
+pub mod probe_spec;
+pub mod procfs;
+pub mod report;
+pub mod reporter;
+pub mod sinks;
+pub mod symbolize;
+pub mod targets;
+pub mod tracker;
+pub mod unwind;

@@ -1,0 +1,196 @@
+//! The reporting thread: turns captures into reports (dedup, unwind,
+//! symbolize, describe the process) and hands them to the sinks, in the
+//! order the kernel produced them. Owns everything that is not `Sync`.
+use std::{
+    collections::HashMap,
+    sync::{Arc, mpsc},
+    thread,
+    time::Duration,
+};
+
+use crate::{
+    events::{Completion, Event, StallCapture, ThreadState},
+    procfs::{self, ProcessInfo},
+    report::{
+        Clock, CompletionReport, FrameJson, Report, StallReport, Syscall, fingerprint, ns_to_ms,
+        rfc3339,
+    },
+    sinks::Sink,
+    symbolize::Symbolizer,
+    tracker::Tracker,
+    unwind::StackUnwinder,
+};
+
+/// What the reporter needs to know about each target (index = cookie).
+#[derive(Clone, Debug)]
+pub struct TargetInfo {
+    pub name: String,
+    pub entry: String,
+    pub timeout: Duration,
+}
+
+/// Work for the reporting thread.
+pub enum Message {
+    Event(Event),
+    /// A process was seen for the first time: cache what symbolizing it
+    /// needs, in case it exits before its reports are written.
+    ProcessSeen(u32),
+}
+
+pub struct Reporter {
+    targets: Arc<Vec<TargetInfo>>,
+    host: String,
+    unwinder: StackUnwinder,
+    symbolizer: Symbolizer,
+    tracker: Tracker,
+    processes: HashMap<u32, ProcessInfo>,
+    sinks: Vec<Box<dyn Sink>>,
+}
+
+/// Process descriptions kept for processes that may exit before their
+/// completion is written; pruned to live processes past this size.
+const PROCESS_CACHE_LIMIT: usize = 4096;
+
+impl Reporter {
+    pub fn new(targets: Arc<Vec<TargetInfo>>, sinks: Vec<Box<dyn Sink>>) -> Self {
+        Self {
+            targets,
+            host: procfs::host_name(),
+            unwinder: StackUnwinder::new(),
+            symbolizer: Symbolizer::new(),
+            tracker: Tracker::new(procfs::boot_id(), 1 << 16),
+            processes: HashMap::new(),
+            sinks,
+        }
+    }
+
+    /// Starts a reporter on its own thread (the symbolizer is not `Send`, so
+    /// it is built there); runs until the channel closes, then finishes the
+    /// sinks.
+    pub fn spawn(
+        targets: Arc<Vec<TargetInfo>>,
+        sinks: Vec<Box<dyn Sink>>,
+        messages: mpsc::Receiver<Message>,
+    ) -> thread::JoinHandle<()> {
+        thread::Builder::new()
+            .name("dogslow-report".into())
+            .spawn(move || {
+                let mut reporter = Self::new(targets, sinks);
+                for message in messages {
+                    reporter.handle(message);
+                }
+                for sink in &mut reporter.sinks {
+                    sink.finish();
+                }
+            })
+            .unwrap_or_else(|err| {
+                eprintln!("dogslow: cannot start the reporting thread: {err}");
+                std::process::exit(1)
+            })
+    }
+
+    pub fn handle(&mut self, message: Message) {
+        match message {
+            Message::ProcessSeen(pid) => {
+                self.process(pid);
+                self.symbolizer.cache_process(pid);
+            }
+            Message::Event(Event::Stall(capture)) => {
+                if let Some(report) = self.stall(&capture) {
+                    self.emit(&Report::Stall(Box::new(report)));
+                }
+            }
+            Message::Event(Event::Completion(completion)) => {
+                if let Some(report) = self.completion(&completion) {
+                    self.emit(&Report::Completed(report));
+                }
+            }
+        }
+    }
+
+    fn emit(&mut self, report: &Report) {
+        for sink in &mut self.sinks {
+            sink.emit(report);
+        }
+    }
+
+    /// The process's description: fresh from /proc while it lives, the
+    /// last one seen after it exits.
+    fn process(&mut self, pid: u32) -> ProcessInfo {
+        match procfs::process_info(pid) {
+            Ok(info) => {
+                if self.processes.len() >= PROCESS_CACHE_LIMIT {
+                    self.processes.retain(|&pid, _| procfs::process_exists(pid));
+                }
+                self.processes.insert(pid, info.clone());
+                info
+            }
+            Err(_) => self.processes.get(&pid).cloned().unwrap_or(ProcessInfo {
+                pid,
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn stall(&mut self, capture: &StallCapture) -> Option<StallReport> {
+        let id = self.tracker.on_stall(capture)?;
+        let process = self.process(capture.pid);
+        self.symbolizer.cache_process(capture.pid);
+        let unwound = self.unwinder.unwind(capture);
+        let user_frames = self.symbolizer.user_frames(capture.pid, &unwound.frames);
+        let kernel_frames = self.symbolizer.kernel_frames(&capture.kernel_stack);
+        let target = self.targets.get(capture.target as usize);
+        let state = capture.state.as_str();
+        let blocked_ms = match (capture.state, capture.off_cpu_since_ns) {
+            (ThreadState::Blocked, Some(since)) => {
+                Some(ns_to_ms(capture.captured_ns.saturating_sub(since)))
+            }
+            _ => None,
+        };
+        Some(StallReport {
+            kind: "stall",
+            id,
+            time: rfc3339(Clock::wall(capture.captured_ns)),
+            started: rfc3339(Clock::wall(capture.start_ns)),
+            elapsed_ms: ns_to_ms(capture.captured_ns.saturating_sub(capture.start_ns)),
+            timeout_ms: target.map_or(0, |t| t.timeout.as_millis() as u64),
+            host: self.host.clone(),
+            pid: capture.pid,
+            tid: capture.tid,
+            ppid: process.ppid,
+            ns_pid: process.ns_pid,
+            ns_tid: procfs::thread_ns_tid(capture.pid, capture.tid),
+            comm: process.comm.clone(),
+            thread: capture.comm.clone(),
+            exe: process.exe.clone(),
+            cgroup: process.cgroup.clone(),
+            target: target.map_or_else(String::new, |t| t.name.clone()),
+            entry: target.map_or_else(String::new, |t| t.entry.clone()),
+            state,
+            blocked_ms,
+            syscall: Syscall::from_orig_ax(capture.regs.orig_ax),
+            cpu: capture.cpu,
+            fingerprint: fingerprint(&process.exe, state, &user_frames),
+            user_stack: user_frames.iter().map(FrameJson::from).collect(),
+            user_stack_unwinder: unwound.method,
+            user_stack_truncated: unwound.truncated.is_some(),
+            user_stack_truncated_reason: unwound.truncated,
+            kernel_stack: kernel_frames.iter().map(FrameJson::from).collect(),
+        })
+    }
+
+    fn completion(&mut self, completion: &Completion) -> Option<CompletionReport> {
+        let reported = self.tracker.on_completion(completion)?;
+        Some(CompletionReport {
+            kind: "completed",
+            id: reported.id,
+            time: rfc3339(Clock::wall(completion.end_ns)),
+            host: self.host.clone(),
+            pid: reported.pid,
+            tid: completion.tid,
+            duration_ms: ns_to_ms(completion.end_ns.saturating_sub(completion.start_ns)),
+            outcome: completion.outcome.as_str(),
+            signal: completion.signal,
+        })
+    }
+}

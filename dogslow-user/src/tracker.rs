@@ -1,0 +1,187 @@
+//! Stall bookkeeping on the agent side: exactly one report per request,
+//! completion records for reported requests, and when the deadline scan must
+//! run the off-CPU capture.
+use std::collections::{HashMap, VecDeque};
+
+use dogslow_common::Inflight;
+
+use crate::events::{Completion, StallCapture};
+
+/// A request identity: its thread and start time (a thread is in at most
+/// one request at a time, and starts are strictly increasing per thread).
+pub type RequestKey = (u32, u64);
+
+/// What is remembered about a reported request until it ends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reported {
+    pub id: String,
+    pub pid: u32,
+}
+
+/// Reported requests that have not ended yet, bounded (oldest forgotten
+/// first if completions were lost).
+pub struct Tracker {
+    reported: HashMap<RequestKey, Reported>,
+    order: VecDeque<RequestKey>,
+    capacity: usize,
+    boot_id: String,
+}
+
+impl Tracker {
+    pub fn new(boot_id: String, capacity: usize) -> Self {
+        Self {
+            reported: HashMap::new(),
+            order: VecDeque::new(),
+            capacity: capacity.max(1),
+            boot_id,
+        }
+    }
+
+    /// Registers a capture. Returns the new report's id, or `None` if this
+    /// request was already reported (a second capture path raced the first).
+    pub fn on_stall(&mut self, capture: &StallCapture) -> Option<String> {
+        let key = (capture.tid, capture.start_ns);
+        if self.reported.contains_key(&key) {
+            return None;
+        }
+        let id = crate::report::report_id(&self.boot_id, capture.tid, capture.start_ns);
+        if self.order.len() >= self.capacity {
+            if let Some(oldest) = self.order.pop_front() {
+                self.reported.remove(&oldest);
+            }
+        }
+        self.order.push_back(key);
+        self.reported.insert(
+            key,
+            Reported {
+                id: id.clone(),
+                pid: capture.pid,
+            },
+        );
+        Some(id)
+    }
+
+    /// The reported request a completion ends, if it was reported.
+    pub fn on_completion(&mut self, completion: &Completion) -> Option<Reported> {
+        let key = (completion.tid, completion.start_ns);
+        let reported = self.reported.remove(&key)?;
+        self.order.retain(|k| *k != key);
+        Some(reported)
+    }
+
+    /// Number of reported requests still running.
+    pub fn open_reports(&self) -> usize {
+        self.reported.len()
+    }
+}
+
+/// Whether some request is past its deadline, unreported, and its thread has
+/// been off-CPU (so the sampler cannot see it): then the off-CPU capture
+/// must run. A thread that ran again since is skipped by the capture itself.
+pub fn needs_off_cpu_capture(inflight: &[(u32, Inflight)], now_ns: u64) -> bool {
+    inflight.iter().any(|(_, request)| {
+        request.reported == 0 && now_ns >= request.deadline_ns && request.off_cpu_since_ns != 0
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::{CaptureSource, Outcome, ThreadState};
+
+    fn capture(tid: u32, start_ns: u64) -> StallCapture {
+        StallCapture {
+            source: CaptureSource::Sampler,
+            tid,
+            pid: 100,
+            target: 0,
+            state: ThreadState::Running,
+            start_ns,
+            deadline_ns: start_ns + 10,
+            captured_ns: start_ns + 11,
+            off_cpu_since_ns: None,
+            regs: Default::default(),
+            cpu: 0,
+            comm: String::new(),
+            kernel_stack: vec![],
+            user_stack: vec![],
+            user_stack_error: 0,
+            return_slots: vec![],
+        }
+    }
+
+    fn completion(tid: u32, start_ns: u64) -> Completion {
+        Completion {
+            outcome: Outcome::Returned,
+            tid,
+            pid: 100,
+            start_ns,
+            end_ns: start_ns + 50,
+            signal: None,
+        }
+    }
+
+    #[test]
+    fn one_report_per_request() {
+        let mut tracker = Tracker::new("boot".into(), 16);
+        let first = tracker.on_stall(&capture(7, 1000));
+        assert!(first.is_some());
+        assert_eq!(tracker.on_stall(&capture(7, 1000)), None);
+        // The next request on the same thread is its own report.
+        let second = tracker.on_stall(&capture(7, 2000));
+        assert!(second.is_some());
+        assert_ne!(first, second);
+    }
+
+    #[test]
+    fn completions_find_their_report_once() {
+        let mut tracker = Tracker::new("boot".into(), 16);
+        let id = tracker.on_stall(&capture(7, 1000)).unwrap();
+        assert_eq!(tracker.on_completion(&completion(7, 999)), None);
+        assert_eq!(
+            tracker.on_completion(&completion(7, 1000)).map(|r| r.id),
+            Some(id)
+        );
+        assert_eq!(tracker.on_completion(&completion(7, 1000)), None);
+        assert_eq!(tracker.open_reports(), 0);
+    }
+
+    #[test]
+    fn bounded() {
+        let mut tracker = Tracker::new("boot".into(), 2);
+        tracker.on_stall(&capture(1, 1));
+        tracker.on_stall(&capture(2, 1));
+        tracker.on_stall(&capture(3, 1));
+        assert_eq!(tracker.open_reports(), 2);
+        assert_eq!(tracker.on_completion(&completion(1, 1)), None);
+    }
+
+    #[test]
+    fn off_cpu_capture_only_for_overdue_unreported_switched_out() {
+        let base = Inflight {
+            start_ns: 0,
+            deadline_ns: 100,
+            ..Default::default()
+        };
+        let on_cpu = (1, base);
+        assert!(!needs_off_cpu_capture(&[on_cpu], 200));
+        let off_cpu = (
+            2,
+            Inflight {
+                off_cpu_since_ns: 50,
+                ..base
+            },
+        );
+        assert!(!needs_off_cpu_capture(&[off_cpu], 99));
+        assert!(needs_off_cpu_capture(&[on_cpu, off_cpu], 100));
+        let reported = (
+            3,
+            Inflight {
+                off_cpu_since_ns: 50,
+                reported: 1,
+                ..base
+            },
+        );
+        assert!(!needs_off_cpu_capture(&[reported], 500));
+    }
+}
