@@ -57,9 +57,15 @@ fn read_to_string(path: &Path, pid: u32) -> Result<String, ProcError> {
     })
 }
 
-/// True when /proc has an entry for `pid`.
+/// True when `pid` is a live process (not a zombie waiting to be reaped).
 pub fn process_exists(pid: u32) -> bool {
-    proc_path(pid, "").is_dir()
+    let Ok(stat) = fs::read_to_string(proc_path(pid, "stat")) else {
+        return false;
+    };
+    let state = stat
+        .rfind(')')
+        .and_then(|end| stat[end + 1..].split_whitespace().next());
+    !matches!(state, Some("Z" | "X") | None)
 }
 
 /// Reads `pid`'s identity from /proc.

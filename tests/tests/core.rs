@@ -1,0 +1,404 @@
+//! Issue 2: `dogslow attach --pid` reports requests that run past their
+//! deadline on a CPU, once each, with a symbolized stack; bad input fails
+//! clearly.
+use std::time::Duration;
+
+use dogslow_tests::*;
+
+const TIMEOUT_MS: u64 = 300;
+const SAMPLE_HZ: u64 = 99;
+
+/// The latency bound of a running stall: one sample period plus 50 ms.
+fn running_bound_ms() -> u64 {
+    TIMEOUT_MS + 1000 / SAMPLE_HZ + 50
+}
+
+#[test]
+fn running_stalls_are_reported_once_each_with_their_stack() {
+    require_root();
+    let mut target = Target::spawn(
+        "slow_requests",
+        &[
+            "--requests",
+            "16",
+            "--slow-every",
+            "4",
+            "--slow-ms",
+            "1500",
+            "--fast-us",
+            "2000",
+            "--wait",
+        ],
+    );
+    let pid = target.pid().to_string();
+    let agent = Agent::start(&[
+        "attach",
+        "--pid",
+        &pid,
+        "--entry",
+        "handle_request",
+        "--timeout",
+        "300ms",
+        "--sample-hz",
+        "99",
+    ]);
+    target.go();
+    let slow = timed_lines(&target.finish(Duration::from_secs(30)), "slow");
+    let finished = agent.wait(Duration::from_secs(20));
+    assert!(finished.status.success(), "{}", finished.stderr);
+    assert_eq!(slow.len(), 4);
+
+    let stalls = finished.stalls();
+    assert_eq!(
+        stalls.len(),
+        slow.len(),
+        "one report per slow request: {stalls:#?}"
+    );
+    let mut ids = std::collections::HashSet::new();
+    for (stall, (start_ns, end_ns)) in stalls.iter().zip(&slow) {
+        assert!(
+            ids.insert(stall["id"].as_str().unwrap().to_owned()),
+            "ids must be unique"
+        );
+        assert_eq!(stall["kind"], "stall");
+        assert_eq!(stall["state"], "running");
+        assert_eq!(stall["pid"].as_u64(), Some(u64::from(target_pid(&pid))));
+        assert_eq!(stall["tid"], stall["pid"]);
+        assert_eq!(stall["timeout_ms"], TIMEOUT_MS);
+        assert_eq!(stall["entry"], "handle_request");
+        assert_eq!(stall["comm"], "slow_requests");
+        assert!(stall["exe"].as_str().unwrap().ends_with("/slow_requests"));
+        assert!(stall["ppid"].as_u64().unwrap() > 0);
+        let elapsed = stall["elapsed_ms"].as_u64().unwrap();
+        assert!(
+            (TIMEOUT_MS..=running_bound_ms()).contains(&elapsed),
+            "elapsed_ms {elapsed} outside [{TIMEOUT_MS}, {}]",
+            running_bound_ms()
+        );
+        // Captured while the request was still running, and it is that request.
+        let captured = rfc3339_ns(&stall["time"]);
+        assert!(captured < *end_ns, "reported after the request ended");
+        let started = rfc3339_ns(&stall["started"]);
+        assert!(
+            started.abs_diff(*start_ns) < 5_000_000,
+            "started {started} vs {start_ns}"
+        );
+
+        let names = functions(stall, "user_stack");
+        assert_in_order(
+            &names,
+            &[
+                "spin_for",
+                "handle_request",
+                "dispatch",
+                "serve_forever",
+                "main",
+            ],
+        );
+        assert_source_lines(
+            stall,
+            &[
+                "spin_for",
+                "handle_request",
+                "dispatch",
+                "serve_forever",
+                "main",
+            ],
+            "slow_requests.c",
+        );
+        assert_eq!(stall["user_stack_truncated"], false, "{stall}");
+    }
+    // Every reported request ended: one completion each, same id.
+    let completions = finished.completions();
+    assert_eq!(completions.len(), stalls.len());
+    for (done, stall) in completions.iter().zip(&stalls) {
+        assert_eq!(done["id"], stall["id"]);
+        assert_eq!(done["outcome"], "returned");
+        assert!(done["duration_ms"].as_u64().unwrap() >= 1500);
+    }
+}
+
+fn target_pid(pid: &str) -> u32 {
+    pid.parse().unwrap()
+}
+
+#[test]
+fn fast_requests_are_never_reported() {
+    require_root();
+    // About 3 s of 2 ms requests.
+    let mut target = Target::spawn(
+        "slow_requests",
+        &["--requests", "1500", "--fast-us", "2000", "--wait"],
+    );
+    let pid = target.pid().to_string();
+    let agent = Agent::start(&[
+        "attach",
+        "--pid",
+        &pid,
+        "--entry",
+        "handle_request",
+        "--timeout",
+        "300ms",
+    ]);
+    target.go();
+    target.finish(Duration::from_secs(30));
+    let finished = agent.wait(Duration::from_secs(20));
+    assert!(finished.status.success(), "{}", finished.stderr);
+    assert_eq!(finished.reports(), Vec::<serde_json::Value>::new());
+}
+
+#[test]
+fn exit_form_requests_end_at_the_exit_function() {
+    require_root();
+    let mut target = Target::spawn(
+        "slow_requests",
+        &[
+            "--requests",
+            "9",
+            "--slow-every",
+            "3",
+            "--slow-ms",
+            "1200",
+            "--exit-form",
+            "--wait",
+        ],
+    );
+    let pid = target.pid().to_string();
+    let agent = Agent::start(&[
+        "attach",
+        "--pid",
+        &pid,
+        "--entry",
+        "begin_request",
+        "--exit",
+        "end_request",
+        "--timeout",
+        "300ms",
+    ]);
+    target.go();
+    let slow = timed_lines(&target.finish(Duration::from_secs(30)), "slow");
+    let finished = agent.wait(Duration::from_secs(20));
+    let stalls = finished.stalls();
+    assert_eq!(stalls.len(), slow.len(), "{stalls:#?}");
+    for stall in &stalls {
+        assert_eq!(stall["state"], "running");
+        assert_eq!(stall["entry"], "begin_request");
+        let elapsed = stall["elapsed_ms"].as_u64().unwrap();
+        assert!(
+            (TIMEOUT_MS..=running_bound_ms()).contains(&elapsed),
+            "{elapsed}"
+        );
+        assert_in_order(
+            &functions(stall, "user_stack"),
+            &["spin_for", "dispatch", "serve_forever", "main"],
+        );
+    }
+    assert_eq!(finished.completions().len(), stalls.len());
+}
+
+#[test]
+fn another_request_on_the_same_thread_gets_its_own_report() {
+    require_root();
+    let mut target = Target::spawn(
+        "slow_requests",
+        &[
+            "--requests",
+            "2",
+            "--slow-every",
+            "1",
+            "--slow-ms",
+            "800",
+            "--wait",
+        ],
+    );
+    let pid = target.pid().to_string();
+    let agent = Agent::start(&[
+        "attach",
+        "--pid",
+        &pid,
+        "--entry",
+        "handle_request",
+        "--timeout",
+        "300ms",
+    ]);
+    target.go();
+    target.finish(Duration::from_secs(30));
+    let stalls = agent.wait(Duration::from_secs(20)).stalls();
+    assert_eq!(stalls.len(), 2);
+    assert_eq!(stalls[0]["tid"], stalls[1]["tid"]);
+    assert_ne!(stalls[0]["id"], stalls[1]["id"]);
+}
+
+#[test]
+fn sigterm_and_sigint_stop_cleanly_and_leave_no_probes() {
+    require_root();
+    for signal in [libc::SIGTERM, libc::SIGINT] {
+        let target = Target::spawn("slow_requests", &["--requests", "1", "--wait"]);
+        let pid = target.pid().to_string();
+        let agent = Agent::start(&["attach", "--pid", &pid, "--entry", "handle_request"]);
+        let (live, file) = function_first_bytes(target.pid(), "handle_request");
+        assert_eq!(live, 0xcc, "the uprobe should be an int3 while attached");
+        assert_ne!(file, 0xcc);
+        let finished = agent.stop_with(signal);
+        assert!(
+            finished.status.success(),
+            "signal {signal}: {:?} {}",
+            finished.status,
+            finished.stderr
+        );
+        // The probe is gone from the target: its code is the file's again.
+        let (live, file) = function_first_bytes(target.pid(), "handle_request");
+        assert_eq!(live, file, "uprobe left behind after signal {signal}");
+    }
+}
+
+#[test]
+fn a_killed_agent_leaves_no_probes() {
+    require_root();
+    let target = Target::spawn("slow_requests", &["--requests", "1", "--wait"]);
+    let pid = target.pid().to_string();
+    let agent = Agent::start(&["attach", "--pid", &pid, "--entry", "handle_request"]);
+    assert_eq!(function_first_bytes(target.pid(), "handle_request").0, 0xcc);
+    let finished = agent.stop_with(libc::SIGKILL);
+    assert!(!finished.status.success());
+    // The kernel drops the probes with the agent's file descriptors.
+    std::thread::sleep(Duration::from_millis(200));
+    let (live, file) = function_first_bytes(target.pid(), "handle_request");
+    assert_eq!(live, file, "uprobe left behind by a SIGKILLed agent");
+}
+
+#[test]
+fn duration_stops_dogslow() {
+    require_root();
+    let target = Target::spawn("slow_requests", &["--requests", "1", "--wait"]);
+    let pid = target.pid().to_string();
+    let started = std::time::Instant::now();
+    let agent = Agent::start(&[
+        "attach",
+        "--pid",
+        &pid,
+        "--entry",
+        "handle_request",
+        "--duration",
+        "1s",
+    ]);
+    let finished = agent.wait(Duration::from_secs(30));
+    assert!(finished.status.success(), "{}", finished.stderr);
+    assert!(started.elapsed() < Duration::from_secs(30));
+}
+
+mod bad_input {
+    use super::*;
+
+    fn assert_fails_with(finished: &Finished, needle: &str) {
+        assert!(
+            !finished.status.success(),
+            "expected failure, got {:?}",
+            finished.status
+        );
+        assert!(
+            finished.stderr.contains(needle),
+            "stderr should say {needle:?}:\n{}",
+            finished.stderr
+        );
+        assert!(!finished.stderr.contains("panicked"), "{}", finished.stderr);
+        assert!(finished.stdout.is_empty(), "no reports on bad input");
+    }
+
+    #[test]
+    fn no_such_pid() {
+        require_root();
+        let finished = run_dogslow(&["attach", "--pid", "4000000", "--entry", "handle_request"]);
+        assert_fails_with(&finished, "no process with PID 4000000");
+    }
+
+    #[test]
+    fn pid_that_exits_while_attaching() {
+        require_root();
+        // The target exits 150 ms after starting; loading and verifying the
+        // eBPF programs takes longer, so it is gone when the uprobe attaches.
+        let target = Target::spawn(
+            "slow_requests",
+            &["--requests", "1", "--slow-every", "1", "--slow-ms", "150"],
+        );
+        let pid = target.pid().to_string();
+        let finished = run_dogslow(&["attach", "--pid", &pid, "--entry", "handle_request"]);
+        assert!(!finished.status.success());
+        assert!(
+            finished
+                .stderr
+                .contains("exited while dogslow was attaching")
+                || finished
+                    .stderr
+                    .contains(&format!("no process with PID {pid}")),
+            "{}",
+            finished.stderr
+        );
+        assert!(!finished.stderr.contains("panicked"), "{}", finished.stderr);
+    }
+
+    #[test]
+    fn symbol_not_found_suggests_close_names() {
+        require_root();
+        let target = Target::spawn("slow_requests", &["--requests", "1", "--wait"]);
+        let pid = target.pid().to_string();
+        let finished = run_dogslow(&["attach", "--pid", &pid, "--entry", "handle_requst"]);
+        assert_fails_with(&finished, "function `handle_requst` not found in");
+        assert!(
+            finished.stderr.contains("did you mean handle_request"),
+            "{}",
+            finished.stderr
+        );
+        assert!(
+            finished.stderr.contains(".symtab and .dynsym"),
+            "{}",
+            finished.stderr
+        );
+    }
+
+    #[test]
+    fn library_not_mapped() {
+        require_root();
+        let target = Target::spawn("slow_requests", &["--requests", "1", "--wait"]);
+        let pid = target.pid().to_string();
+        let finished = run_dogslow(&["attach", "--pid", &pid, "--entry", "libnope.so.1:f"]);
+        assert_fails_with(&finished, "does not map a library named `libnope.so.1`");
+        assert!(finished.stderr.contains("libc.so.6"), "{}", finished.stderr);
+    }
+
+    #[test]
+    fn zero_or_unparsable_timeout() {
+        require_root();
+        for (timeout, needle) in [
+            ("0s", "zero timeout"),
+            ("0", "zero timeout"),
+            ("soon", "not a duration"),
+        ] {
+            let finished =
+                run_dogslow(&["attach", "--pid", "1", "--entry", "f", "--timeout", timeout]);
+            assert_fails_with(&finished, needle);
+        }
+    }
+
+    #[test]
+    fn unprivileged_user_is_told_what_is_needed() {
+        require_root();
+        let target = Target::spawn("slow_requests", &["--requests", "1", "--wait"]);
+        let pid = target.pid().to_string();
+        let finished = run_dogslow_command(
+            std::process::Command::new("setpriv")
+                .args([
+                    "--reuid=65534",
+                    "--regid=65534",
+                    "--clear-groups",
+                    "--inh-caps=-all",
+                ])
+                .arg(dogslow_bin())
+                .args(["attach", "--pid", &pid, "--entry", "handle_request"]),
+        );
+        assert_fails_with(
+            &finished,
+            "dogslow needs root, or the capabilities CAP_BPF, CAP_PERFMON",
+        );
+    }
+}
