@@ -15,6 +15,11 @@ const C_TARGETS: &[(&str, &str, &[&str])] = &[
         &["-O2", "-g", "-pthread"],
     ),
     ("demo_server", "demo_server.c", &["-O2", "-g", "-pthread"]),
+    (
+        "chain",
+        "chain.c",
+        &["-O2", "-g", "-fomit-frame-pointer", "-pthread"],
+    ),
 ];
 
 fn main() {
@@ -32,5 +37,30 @@ fn main() {
             .expect("gcc is needed to build the test programs (cargo xtask setup installs it)");
         assert!(status.success(), "compiling {source} failed");
     }
+    // The same chain in Rust, release mode (no frame pointers by default).
+    let rustc = env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    let status = Command::new(rustc)
+        .args([
+            "--edition",
+            "2024",
+            "-C",
+            "opt-level=3",
+            "-C",
+            "debuginfo=2",
+            "-o",
+        ])
+        .arg(out.join("chain_rust"))
+        .arg(sources.join("chain.rs"))
+        .status()
+        .expect("run rustc for chain.rs");
+    assert!(status.success(), "compiling chain.rs failed");
+    // A stripped copy: no .symtab, no debug info, but .eh_frame kept.
+    let status = Command::new("strip")
+        .args(["--strip-all", "-o"])
+        .arg(out.join("chain_stripped"))
+        .arg(out.join("chain"))
+        .status()
+        .expect("strip (binutils) is needed");
+    assert!(status.success(), "strip failed");
     println!("cargo:rustc-env=DOGSLOW_TEST_TARGETS={}", out.display());
 }

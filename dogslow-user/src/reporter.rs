@@ -137,7 +137,13 @@ impl Reporter {
         let process = self.process(capture.pid);
         self.symbolizer.cache_process(capture.pid);
         let unwound = self.unwinder.unwind(capture);
-        let user_frames = self.symbolizer.user_frames(capture.pid, &unwound.frames);
+        let mut user_frames = self.symbolizer.user_frames(capture.pid, &unwound.frames);
+        for frame in user_frames.iter_mut().filter(|f| f.module.is_none()) {
+            frame.module = self
+                .unwinder
+                .module_name(capture.pid, frame.addr)
+                .map(str::to_owned);
+        }
         let kernel_frames = self.symbolizer.kernel_frames(&capture.kernel_stack);
         let target = self.targets.get(capture.target as usize);
         let state = capture.state.as_str();

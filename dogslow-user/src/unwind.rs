@@ -154,12 +154,18 @@ pub struct UnwoundStack {
 /// A process's modules as framehop sees them.
 struct ProcessModules {
     unwinder: UnwinderX86_64<SectionBytes>,
-    /// (avma range, has CFI) per module.
-    ranges: Vec<(Range<u64>, bool)>,
+    /// Per module: where it is mapped, whether it has CFI, its path.
+    ranges: Vec<ModuleRange>,
     /// The `[uprobes]` trampoline page, if mapped.
     uprobes: Option<Range<u64>>,
     /// The mappings the modules were built from.
     mappings: Vec<Mapping>,
+}
+
+struct ModuleRange {
+    avma: Range<u64>,
+    has_cfi: bool,
+    name: String,
 }
 
 /// Unwinds stall captures. Holds the per-binary cache; not `Sync`, lives on
@@ -237,10 +243,9 @@ impl StackUnwinder {
             .iter()
             .take(frames.len().saturating_sub(1))
             .any(|frame| {
-                !process
-                    .ranges
-                    .iter()
-                    .any(|(range, has_cfi)| *has_cfi && range.contains(&frame.address_for_lookup()))
+                !process.ranges.iter().any(|module| {
+                    module.has_cfi && module.avma.contains(&frame.address_for_lookup())
+                })
             });
         UnwoundStack {
             frames,
@@ -284,7 +289,11 @@ impl StackUnwinder {
             let bias = first.start.wrapping_sub(svma);
             let avma_range = group.iter().map(|m| m.start).min().unwrap_or(first.start)
                 ..group.iter().map(|m| m.end).max().unwrap_or(first.end);
-            ranges.push((avma_range.clone(), data.has_cfi));
+            ranges.push(ModuleRange {
+                avma: avma_range.clone(),
+                has_cfi: data.has_cfi,
+                name: data.name.clone(),
+            });
             unwinder.add_module(Module::new(
                 data.name.clone(),
                 avma_range,
@@ -314,6 +323,16 @@ impl StackUnwinder {
             .entry(key.clone())
             .or_insert_with(|| load_binary(pid, key, mapping).map(Arc::new))
             .clone()
+    }
+
+    /// The path of the module `pid` has mapped at `addr`, as last seen.
+    pub fn module_name(&self, pid: u32, addr: u64) -> Option<&str> {
+        let process = self.processes.get(&pid)?;
+        process
+            .ranges
+            .iter()
+            .find(|module| module.avma.contains(&addr))
+            .map(|module| module.name.as_str())
     }
 
     /// Forgets a process (it exited and its reports are out).
