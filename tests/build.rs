@@ -15,6 +15,7 @@ const C_TARGETS: &[(&str, &str, &[&str])] = &[
         &["-O2", "-g", "-pthread"],
     ),
     ("demo_server", "demo_server.c", &["-O2", "-g", "-pthread"]),
+    ("threads", "threads.c", &["-O2", "-g", "-pthread"]),
     (
         "chain",
         "chain.c",

@@ -2,7 +2,6 @@
 //! loop (ring buffer, deadline scan, process watch, signals) until told to
 //! stop, and drains every captured report before returning.
 use std::{
-    collections::BTreeSet,
     sync::{Arc, mpsc},
     time::Duration,
 };
@@ -18,14 +17,15 @@ use tokio::{
 use crate::{
     config::{AgentConfig, TargetSpec},
     events,
-    loader::{AttachError, LoadError, LoadOptions, ProbeRole, Probes},
+    loader::{AttachError, LoadError, LoadOptions, Probes},
     privileges::{self, PrivilegeError},
-    procfs::{self, ProcError},
+    procfs::ProcError,
     report::Clock,
     reporter::{Message, Reporter, TargetInfo},
     sinks::{JsonLines, Sink},
-    targets::{self, AttachPoint, TargetError},
+    targets::TargetError,
     tracker::needs_off_cpu_capture,
+    watch::Watcher,
 };
 
 #[derive(Debug, Error)]
@@ -48,52 +48,6 @@ pub enum AgentError {
     Io(#[from] std::io::Error),
 }
 
-/// One uprobe to attach for a target.
-#[derive(Clone, Debug)]
-struct PlannedProbe {
-    target: u32,
-    role: ProbeRole,
-    pid: Option<u32>,
-    point: AttachPoint,
-}
-
-/// Resolves every probe of every `--pid` target before anything is loaded,
-/// so bad input fails fast with a precise message.
-fn plan(config: &AgentConfig) -> Result<Vec<PlannedProbe>, AgentError> {
-    let mut planned = Vec::new();
-    for (index, target) in config.targets.iter().enumerate() {
-        let target_error = |source: TargetError| AgentError::Target {
-            target: target.name.clone(),
-            source,
-        };
-        if !target.binaries.is_empty() {
-            return Err(AgentError::Unsupported(
-                "--binary is not supported yet; use --pid".into(),
-            ));
-        }
-        for &pid in &target.pids {
-            // Exit probes first, so that no request starts whose end could be missed.
-            let mut roles = Vec::new();
-            match &target.exit {
-                Some(exit) => roles.push((ProbeRole::Exit, exit)),
-                None => roles.push((ProbeRole::Return, &target.entry)),
-            }
-            roles.push((ProbeRole::Entry, &target.entry));
-            for (role, spec) in roles {
-                let object = targets::object_for_pid(pid, spec).map_err(target_error)?;
-                let point = targets::resolve(&object, spec).map_err(target_error)?;
-                planned.push(PlannedProbe {
-                    target: index as u32,
-                    role,
-                    pid: Some(pid),
-                    point,
-                });
-            }
-        }
-    }
-    Ok(planned)
-}
-
 fn target_config(target: &TargetSpec) -> TargetConfig {
     TargetConfig {
         timeout_ns: target.timeout.as_nanos().min(u128::from(u64::MAX)) as u64,
@@ -110,7 +64,9 @@ fn target_config(target: &TargetSpec) -> TargetConfig {
 /// process has exited.
 pub fn run(config: AgentConfig) -> Result<(), AgentError> {
     privileges::check()?;
-    let planned = plan(&config)?;
+    let (tx, rx) = mpsc::channel();
+    let mut watcher = Watcher::new(config.targets.clone(), tx.clone());
+    watcher.validate()?;
     let mut probes = Probes::load(&LoadOptions {
         max_inflight: config.max_inflight,
         user_stack_bytes: config.user_stack_bytes,
@@ -132,26 +88,12 @@ pub fn run(config: AgentConfig) -> Result<(), AgentError> {
             .collect(),
     );
     let sinks: Vec<Box<dyn Sink>> = vec![Box::new(JsonLines::new(std::io::stdout()))];
-    let (tx, rx) = mpsc::channel();
     let reporter = Reporter::spawn(targets, sinks, rx);
 
-    let pids: BTreeSet<u32> = planned.iter().filter_map(|p| p.pid).collect();
-    for &pid in &pids {
-        let _ = tx.send(Message::ProcessSeen(pid));
-    }
-    let mut attached = Vec::new();
-    for probe in &planned {
-        attached.push(probes.attach_uprobe(
-            probe.role,
-            &probe.point.path,
-            probe.point.file_offset,
-            probe.pid,
-            probe.target,
-        )?);
-    }
+    watcher.attach_initial(&mut probes)?;
     eprintln!(
         "dogslow: watching {} process(es); timeout {}; reports on stdout",
-        pids.len(),
+        watcher.watched_processes(),
         config
             .targets
             .iter()
@@ -163,9 +105,10 @@ pub fn run(config: AgentConfig) -> Result<(), AgentError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let result = runtime.block_on(event_loop(&mut probes, &config, &pids, &tx));
+    let result = runtime.block_on(event_loop(&mut probes, &mut watcher, &config, &tx));
     // Close the channel so the reporter drains and finishes, then detach.
     drop(tx);
+    drop(watcher);
     let _ = reporter.join();
     drop(probes);
     result
@@ -173,8 +116,8 @@ pub fn run(config: AgentConfig) -> Result<(), AgentError> {
 
 async fn event_loop(
     probes: &mut Probes,
+    watcher: &mut Watcher,
     config: &AgentConfig,
-    pids: &BTreeSet<u32>,
     tx: &mpsc::Sender<Message>,
 ) -> Result<(), AgentError> {
     let ring = probes.take_events()?;
@@ -212,7 +155,8 @@ async fn event_loop(
             }
             _ = watch.tick() => {
                 drops.check(&probes.stats());
-                if !pids.is_empty() && pids.iter().all(|&pid| !procfs::process_exists(pid)) {
+                watcher.rescan(probes);
+                if watcher.finished() {
                     eprintln!("dogslow: every watched process has exited; stopping");
                     break;
                 }
@@ -225,6 +169,15 @@ async fn event_loop(
     // Captures already in the ring buffer are reports too.
     drain(ring.get_mut(), tx);
     drops.check(&probes.stats());
+    let inflight = probes.inflight();
+    eprintln!(
+        "dogslow: stopping; {} request(s) in flight, {} of them reported",
+        inflight.len(),
+        inflight
+            .iter()
+            .filter(|(_, request)| request.reported != 0)
+            .count()
+    );
     Ok(())
 }
 

@@ -35,7 +35,9 @@ pub struct AttachArgs {
     #[arg(long = "pid", value_name = "PID", required_unless_present = "binaries")]
     pub pids: Vec<u32>,
 
-    /// Watch every process running this executable, now and later (repeatable).
+    /// Watch every process that runs this executable or maps this library,
+    /// now and later, in any mount namespace (the path as the process sees
+    /// it, e.g. inside its container). Repeatable; combines with --pid.
     #[arg(long = "binary", value_name = "PATH")]
     pub binaries: Vec<PathBuf>,
 

@@ -98,6 +98,13 @@ pub fn process_info(pid: u32) -> Result<ProcessInfo, ProcError> {
     })
 }
 
+/// The process's start time in clock ticks since boot (with the PID, an
+/// identity that survives PID reuse), from /proc/PID/stat alone.
+pub fn start_ticks(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(proc_path(pid, "stat")).ok()?;
+    parse_stat(&stat).map(|(_, start)| start)
+}
+
 /// The thread's id inside its PID namespace, when it differs from `tid`.
 pub fn thread_ns_tid(pid: u32, tid: u32) -> Option<u32> {
     let status = fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).ok()?;

@@ -2,10 +2,10 @@
 //! symbolize, describe the process) and hands them to the sinks, in the
 //! order the kernel produced them. Owns everything that is not `Sync`.
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     sync::{Arc, mpsc},
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use crate::{
@@ -35,7 +35,13 @@ pub enum Message {
     /// A process was seen for the first time: cache what symbolizing it
     /// needs, in case it exits before its reports are written.
     ProcessSeen(u32),
+    /// A watched process exited: release its caches once late records
+    /// about it have had time to arrive.
+    ProcessGone(u32),
 }
+
+/// How long a dead process's caches are kept for records still in flight.
+const FORGET_AFTER: Duration = Duration::from_secs(30);
 
 pub struct Reporter {
     targets: Arc<Vec<TargetInfo>>,
@@ -44,6 +50,8 @@ pub struct Reporter {
     symbolizer: Symbolizer,
     tracker: Tracker,
     processes: HashMap<u32, ProcessInfo>,
+    /// Exited processes whose caches go at the given time.
+    gone: VecDeque<(Instant, u32)>,
     sinks: Vec<Box<dyn Sink>>,
 }
 
@@ -60,6 +68,7 @@ impl Reporter {
             symbolizer: Symbolizer::new(),
             tracker: Tracker::new(procfs::boot_id(), 1 << 16),
             processes: HashMap::new(),
+            gone: VecDeque::new(),
             sinks,
         }
     }
@@ -90,11 +99,13 @@ impl Reporter {
     }
 
     pub fn handle(&mut self, message: Message) {
+        self.forget_exited();
         match message {
             Message::ProcessSeen(pid) => {
                 self.process(pid);
                 self.symbolizer.cache_process(pid);
             }
+            Message::ProcessGone(pid) => self.gone.push_back((Instant::now() + FORGET_AFTER, pid)),
             Message::Event(Event::Stall(capture)) => {
                 if let Some(report) = self.stall(&capture) {
                     self.emit(&Report::Stall(Box::new(report)));
@@ -105,6 +116,23 @@ impl Reporter {
                     self.emit(&Report::Completed(report));
                 }
             }
+        }
+    }
+
+    /// Drops the caches of processes that exited long enough ago.
+    fn forget_exited(&mut self) {
+        let now = Instant::now();
+        while let Some(&(when, pid)) = self.gone.front() {
+            if when > now {
+                break;
+            }
+            self.gone.pop_front();
+            if procfs::process_exists(pid) {
+                continue; // the PID was reused by a process we still watch
+            }
+            self.symbolizer.forget_process(pid);
+            self.unwinder.forget_process(pid);
+            self.processes.remove(&pid);
         }
     }
 

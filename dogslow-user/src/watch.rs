@@ -1,0 +1,326 @@
+//! Which processes dogslow watches and the uprobes on them: the processes
+//! named with `--pid`, and every process that runs (or maps) a `--binary`
+//! file, in any mount namespace, now or started later.
+//!
+//! A probe in the watched binary itself is attached once per distinct file
+//! (uprobes live on the inode, so they fire in every process mapping it,
+//! including processes started after the attach). A probe in a library of a
+//! watched process (`LIBRARY:FUNCTION`) is attached per process.
+use std::{
+    collections::{HashMap, HashSet},
+    fs,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+    sync::mpsc,
+};
+
+use crate::{
+    agent::AgentError,
+    config::TargetSpec,
+    elf::ElfImage,
+    loader::{ProbeRole, Probes, UprobeLink},
+    probe_spec::ProbeSpec,
+    procfs,
+    reporter::Message,
+    targets::{self, TargetError},
+};
+
+/// A file's identity.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub struct FileId {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+impl FileId {
+    fn of(path: &Path) -> Option<Self> {
+        let meta = fs::metadata(path).ok()?;
+        Some(Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        })
+    }
+}
+
+/// The probes of a target, exit side first: a request must never start
+/// whose end could be missed.
+fn probe_roles(target: &TargetSpec) -> Vec<(ProbeRole, &ProbeSpec)> {
+    let end = match &target.exit {
+        Some(exit) => (ProbeRole::Exit, exit),
+        None => (ProbeRole::Return, &target.entry),
+    };
+    vec![end, (ProbeRole::Entry, &target.entry)]
+}
+
+pub struct Watcher {
+    targets: Vec<TargetSpec>,
+    /// Binary-wide attachments: (target, file) -> links.
+    file_links: HashMap<(u32, FileId), Vec<UprobeLink>>,
+    /// Per-process attachments: (target, pid) -> links.
+    process_links: HashMap<(u32, u32), Vec<UprobeLink>>,
+    /// Processes already examined: pid -> (start time, executable).
+    seen: HashMap<u32, (u64, Option<FileId>)>,
+    /// Processes found running or mapping a `--binary`.
+    matched: HashSet<u32>,
+    messages: mpsc::Sender<Message>,
+}
+
+impl Watcher {
+    pub fn new(targets: Vec<TargetSpec>, messages: mpsc::Sender<Message>) -> Self {
+        Self {
+            targets,
+            file_links: HashMap::new(),
+            process_links: HashMap::new(),
+            seen: HashMap::new(),
+            matched: HashSet::new(),
+            messages,
+        }
+    }
+
+    /// Checks what can be checked before the eBPF programs load, so bad
+    /// input fails fast: every `--pid` process and every `--binary` that
+    /// exists on this host must resolve every probe.
+    pub fn validate(&self) -> Result<(), AgentError> {
+        for target in &self.targets {
+            let error = |source: TargetError| AgentError::Target {
+                target: target.name.clone(),
+                source,
+            };
+            for &pid in &target.pids {
+                for (_, spec) in probe_roles(target) {
+                    let object = targets::object_for_pid(pid, spec).map_err(error)?;
+                    targets::resolve(&object, spec).map_err(error)?;
+                }
+            }
+            for binary in &target.binaries {
+                if binary.exists() {
+                    ElfImage::open(binary).map_err(|e| error(e.into()))?;
+                    for (_, spec) in probe_roles(target)
+                        .into_iter()
+                        .filter(|(_, s)| s.library.is_none())
+                    {
+                        targets::resolve(binary, spec).map_err(error)?;
+                    }
+                } else if !binary.is_absolute() {
+                    return Err(AgentError::Unsupported(format!(
+                        "--binary {}: give an absolute path (as seen on the host or inside the container)",
+                        binary.display()
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Attaches to everything there is now: the `--pid` processes (failing
+    /// if one is gone), the `--binary` files on this host, and the running
+    /// processes of every `--binary`.
+    pub fn attach_initial(&mut self, probes: &mut Probes) -> Result<(), AgentError> {
+        for index in 0..self.targets.len() {
+            let target = self.targets[index].clone();
+            for &pid in &target.pids {
+                self.attach_process(probes, index as u32, &target, pid, true)?;
+            }
+            for binary in &target.binaries {
+                if let Some(file) = FileId::of(binary) {
+                    self.attach_file(probes, index as u32, &target, binary, file)?;
+                } else {
+                    eprintln!(
+                        "dogslow: {} is not on this host; watching for processes that run it in their own mount namespace",
+                        binary.display()
+                    );
+                }
+            }
+        }
+        self.rescan(probes);
+        Ok(())
+    }
+
+    /// True when every process named with `--pid` has exited and nothing
+    /// else is watched: there is nothing left to report on.
+    pub fn finished(&self) -> bool {
+        let watches_binaries = self.targets.iter().any(|t| !t.binaries.is_empty());
+        let pids: Vec<u32> = self
+            .targets
+            .iter()
+            .flat_map(|t| t.pids.iter().copied())
+            .collect();
+        !watches_binaries
+            && !pids.is_empty()
+            && pids.iter().all(|&pid| !procfs::process_exists(pid))
+    }
+
+    /// Finds processes of the `--binary` targets that appeared or exec'd
+    /// since the last scan, attaches what they need, and detaches from
+    /// processes that are gone.
+    pub fn rescan(&mut self, probes: &mut Probes) {
+        let gone: Vec<(u32, u32)> = self
+            .process_links
+            .keys()
+            .filter(|(_, pid)| !procfs::process_exists(*pid))
+            .copied()
+            .collect();
+        for key in gone {
+            if let Some(links) = self.process_links.remove(&key) {
+                for link in links {
+                    probes.detach_uprobe(link);
+                }
+                let _ = self.messages.send(Message::ProcessGone(key.1));
+            }
+        }
+        if self.targets.iter().all(|t| t.binaries.is_empty()) {
+            return;
+        }
+        let live = live_pids();
+        self.seen.retain(|pid, _| live.contains(pid));
+        let exited: Vec<u32> = self
+            .matched
+            .iter()
+            .filter(|pid| !live.contains(pid))
+            .copied()
+            .collect();
+        for pid in exited {
+            self.matched.remove(&pid);
+            let _ = self.messages.send(Message::ProcessGone(pid));
+        }
+        for pid in live {
+            let identity = (
+                procfs::start_ticks(pid).unwrap_or(0),
+                FileId::of(Path::new(&format!("/proc/{pid}/exe"))),
+            );
+            if self.seen.get(&pid) == Some(&identity) {
+                continue;
+            }
+            self.seen.insert(pid, identity);
+            self.examine(probes, pid);
+        }
+    }
+
+    /// Attaches `pid` to every `--binary` target it runs or maps.
+    fn examine(&mut self, probes: &mut Probes, pid: u32) {
+        for index in 0..self.targets.len() {
+            let target = self.targets[index].clone();
+            for binary in &target.binaries {
+                let Some(file) = process_uses(pid, binary) else {
+                    continue;
+                };
+                let path = procfs::path_in_process_root(pid, &binary.to_string_lossy());
+                if let Err(err) = self.attach_file(probes, index as u32, &target, &path, file) {
+                    eprintln!("dogslow: process {pid} runs {}: {err}", binary.display());
+                    continue;
+                }
+                let needs_process_probes = probe_roles(&target)
+                    .iter()
+                    .any(|(_, s)| s.library.is_some());
+                if needs_process_probes && !self.process_links.contains_key(&(index as u32, pid)) {
+                    if let Err(err) = self.attach_process(probes, index as u32, &target, pid, false)
+                    {
+                        eprintln!("dogslow: process {pid}: {err}");
+                    }
+                }
+                if self.matched.insert(pid) {
+                    eprintln!("dogslow: watching process {pid} ({})", binary.display());
+                }
+                let _ = self.messages.send(Message::ProcessSeen(pid));
+            }
+        }
+    }
+
+    /// Attaches a target's in-binary probes to `file` once.
+    fn attach_file(
+        &mut self,
+        probes: &mut Probes,
+        index: u32,
+        target: &TargetSpec,
+        path: &Path,
+        file: FileId,
+    ) -> Result<(), AgentError> {
+        if self.file_links.contains_key(&(index, file)) {
+            return Ok(());
+        }
+        let error = |source: TargetError| AgentError::Target {
+            target: target.name.clone(),
+            source,
+        };
+        let mut links = Vec::new();
+        for (role, spec) in probe_roles(target) {
+            if spec.library.is_some() {
+                continue;
+            }
+            let point = targets::resolve(path, spec).map_err(error)?;
+            links.push(probes.attach_uprobe(role, &point.path, point.file_offset, None, index)?);
+        }
+        self.file_links.insert((index, file), links);
+        Ok(())
+    }
+
+    /// Attaches a target's probes to one process: all of them for a
+    /// `--pid` target, the library ones for a `--binary` process.
+    fn attach_process(
+        &mut self,
+        probes: &mut Probes,
+        index: u32,
+        target: &TargetSpec,
+        pid: u32,
+        explicit: bool,
+    ) -> Result<(), AgentError> {
+        let error = |source: TargetError| AgentError::Target {
+            target: target.name.clone(),
+            source,
+        };
+        let mut links = Vec::new();
+        for (role, spec) in probe_roles(target) {
+            if !explicit && spec.library.is_none() {
+                continue;
+            }
+            let object = targets::object_for_pid(pid, spec).map_err(error)?;
+            let point = targets::resolve(&object, spec).map_err(error)?;
+            match probes.attach_uprobe(role, &point.path, point.file_offset, Some(pid), index) {
+                Ok(link) => links.push(link),
+                Err(err) => {
+                    for link in links {
+                        probes.detach_uprobe(link);
+                    }
+                    return Err(err.into());
+                }
+            }
+        }
+        self.process_links.insert((index, pid), links);
+        let _ = self.messages.send(Message::ProcessSeen(pid));
+        Ok(())
+    }
+
+    /// Every process currently watched, explicitly or through a binary.
+    pub fn watched_processes(&self) -> usize {
+        let mut pids: HashSet<u32> = self.process_links.keys().map(|(_, pid)| *pid).collect();
+        pids.extend(self.matched.iter().copied());
+        pids.len()
+    }
+}
+
+fn live_pids() -> Vec<u32> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+/// The file `binary` names inside `pid`'s mount namespace, if the process
+/// runs it or maps it.
+fn process_uses(pid: u32, binary: &Path) -> Option<FileId> {
+    let in_namespace: PathBuf = procfs::path_in_process_root(pid, &binary.to_string_lossy());
+    let file = FileId::of(&in_namespace)?;
+    if FileId::of(Path::new(&format!("/proc/{pid}/exe"))) == Some(file) {
+        return Some(file);
+    }
+    let maps = procfs::maps(pid).ok()?;
+    maps.iter()
+        .filter(|m| m.is_file() && m.executable)
+        .any(|m| {
+            let mapped = PathBuf::from(format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end));
+            FileId::of(&mapped) == Some(file)
+        })
+        .then_some(file)
+}
