@@ -16,6 +16,7 @@ const C_TARGETS: &[(&str, &str, &[&str])] = &[
     ),
     ("demo_server", "demo_server.c", &["-O2", "-g", "-pthread"]),
     ("threads", "threads.c", &["-O2", "-g", "-pthread"]),
+    ("request_line", "request_line.c", &["-O2", "-g"]),
     (
         "chain",
         "chain.c",

@@ -19,9 +19,11 @@ use crate::{
     events,
     loader::{AttachError, LoadError, LoadOptions, Probes},
     privileges::{self, PrivilegeError},
+    probe_spec::ProbeLocation,
     procfs::ProcError,
     report::Clock,
     reporter::{Message, Reporter, TargetInfo},
+    request_args::{self, CaptureError},
     sinks::{JsonLines, Sink},
     targets::TargetError,
     tracker::needs_off_cpu_capture,
@@ -44,20 +46,46 @@ pub enum AgentError {
     Attach(#[from] AttachError),
     #[error("{0}")]
     Unsupported(String),
+    #[error("target `{target}`: {source}")]
+    Capture {
+        target: String,
+        #[source]
+        source: CaptureError,
+    },
     #[error("event loop: {0}")]
     Io(#[from] std::io::Error),
 }
 
-fn target_config(target: &TargetSpec) -> TargetConfig {
-    TargetConfig {
+/// The kernel-side settings of a target: deadline, scope and where each
+/// captured argument is at the entry probe.
+fn target_config(target: &TargetSpec) -> Result<TargetConfig, AgentError> {
+    let error = |source: CaptureError| AgentError::Capture {
+        target: target.name.clone(),
+        source,
+    };
+    request_args::check_all(&target.captures).map_err(error)?;
+    let mut config = TargetConfig {
         timeout_ns: target.timeout.as_nanos().min(u128::from(u64::MAX)) as u64,
         flags: if target.exit.is_none() {
             TARGET_FUNCTION_SCOPED
         } else {
             0
         },
-        _pad: 0,
+        capture_count: target.captures.len() as u32,
+        captures: Default::default(),
+    };
+    for (slot, capture) in config.captures.iter_mut().zip(&target.captures) {
+        *slot = match &target.entry.location {
+            ProbeLocation::Usdt { .. } => {
+                return Err(error(CaptureError::Unsupported {
+                    spec: capture.text.clone(),
+                    reason: "captures from USDT probes are not supported yet".into(),
+                }));
+            }
+            _ => request_args::function_argument(capture, target.capture_len).map_err(error)?,
+        };
     }
+    Ok(config)
 }
 
 /// Runs `config` until its duration ends, SIGINT/SIGTERM, or every watched
@@ -67,13 +95,18 @@ pub fn run(config: AgentConfig) -> Result<(), AgentError> {
     let (tx, rx) = mpsc::channel();
     let mut watcher = Watcher::new(config.targets.clone(), tx.clone());
     watcher.validate()?;
+    let target_configs = config
+        .targets
+        .iter()
+        .map(target_config)
+        .collect::<Result<Vec<_>, _>>()?;
     let mut probes = Probes::load(&LoadOptions {
         max_inflight: config.max_inflight,
         user_stack_bytes: config.user_stack_bytes,
         sample_hz: config.sample_hz,
     })?;
-    for (index, target) in config.targets.iter().enumerate() {
-        probes.set_target(index as u32, target_config(target))?;
+    for (index, target_config) in target_configs.into_iter().enumerate() {
+        probes.set_target(index as u32, target_config)?;
     }
 
     let targets: Arc<Vec<TargetInfo>> = Arc::new(
@@ -84,6 +117,8 @@ pub fn run(config: AgentConfig) -> Result<(), AgentError> {
                 name: t.name.clone(),
                 entry: t.entry.text.clone(),
                 timeout: t.timeout,
+                captures: t.captures.clone(),
+                capture_len: t.capture_len,
             })
             .collect(),
     );

@@ -7,6 +7,7 @@ use thiserror::Error;
 use crate::{
     config::{AgentConfig, DEFAULT_MAX_INFLIGHT, DEFAULT_SAMPLE_HZ, TargetSpec},
     probe_spec::ProbeSpec,
+    request_args::{CaptureRequest, DEFAULT_CAPTURE_LEN},
 };
 
 #[derive(Debug, Parser)]
@@ -51,6 +52,18 @@ pub struct AttachArgs {
     #[arg(long, value_name = "PROBE", value_parser = parse_probe)]
     pub exit: Option<ProbeSpec>,
 
+    /// Record an argument at request entry and show it in reports as
+    /// "request": {NAME: value}. argN is the function's N-th integer argument
+    /// (x86-64 SysV) or the USDT probe's N-th argument; TYPE is str, u64,
+    /// i64 or hex. Repeatable (up to 4).
+    #[arg(long = "capture", value_name = "[NAME=]argN:TYPE", value_parser = parse_capture)]
+    pub captures: Vec<CaptureRequest>,
+
+    /// Bytes kept of each `str` capture (longer strings are cut and marked).
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_CAPTURE_LEN,
+          value_parser = clap::value_parser!(u32).range(1..=dogslow_common::MAX_CAPTURE_STR as i64))]
+    pub capture_len: u32,
+
     /// Deadline after which a running request is reported (e.g. 250ms, 2s, 1m).
     #[arg(long, value_name = "DURATION", default_value = "25s", value_parser = parse_timeout)]
     pub timeout: Duration,
@@ -79,6 +92,11 @@ pub struct AttachArgs {
 pub enum CliError {
     #[error("give at least one --pid or --binary")]
     NoTarget,
+}
+
+fn parse_capture(text: &str) -> Result<CaptureRequest, String> {
+    text.parse()
+        .map_err(|err: crate::request_args::CaptureError| err.to_string())
 }
 
 fn parse_probe(text: &str) -> Result<ProbeSpec, String> {
@@ -134,6 +152,8 @@ impl AttachArgs {
                 entry: self.entry,
                 exit: self.exit,
                 timeout: self.timeout,
+                captures: self.captures,
+                capture_len: self.capture_len,
             }],
             sample_hz: self.sample_hz,
             duration: self.duration,

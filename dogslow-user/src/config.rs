@@ -2,7 +2,7 @@
 //! command line today). No clap types here.
 use std::{path::PathBuf, time::Duration};
 
-use crate::probe_spec::ProbeSpec;
+use crate::{probe_spec::ProbeSpec, request_args::CaptureRequest};
 
 /// The original Dogslow's deadline.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(25);
@@ -20,6 +20,10 @@ pub struct TargetSpec {
     /// `None`: a request is one call of `entry`, ending when it returns.
     pub exit: Option<ProbeSpec>,
     pub timeout: Duration,
+    /// Arguments recorded at entry and shown in reports as `request`.
+    pub captures: Vec<CaptureRequest>,
+    /// Bytes kept of each string capture.
+    pub capture_len: u32,
 }
 
 /// Everything `dogslow attach` needs.

@@ -12,6 +12,7 @@ pub mod probe_spec;
 pub mod procfs;
 pub mod report;
 pub mod reporter;
+pub mod request_args;
 pub mod sinks;
 pub mod symbolize;
 pub mod targets;

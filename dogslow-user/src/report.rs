@@ -73,6 +73,8 @@ pub struct StallReport {
     pub cgroup: Option<String>,
     pub target: String,
     pub entry: String,
+    /// The request's captured arguments (`--capture`), by name.
+    pub request: Option<serde_json::Map<String, serde_json::Value>>,
     pub state: &'static str,
     pub blocked_ms: Option<u64>,
     pub syscall: Option<Syscall>,
@@ -238,6 +240,7 @@ mod tests {
             cgroup: None,
             target: "demo".into(),
             entry: "handle_request".into(),
+            request: None,
             state: "running",
             blocked_ms: None,
             syscall: None,

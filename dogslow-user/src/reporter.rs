@@ -15,6 +15,7 @@ use crate::{
         Clock, CompletionReport, FrameJson, Report, StallReport, Syscall, fingerprint, ns_to_ms,
         rfc3339,
     },
+    request_args::{self, CaptureRequest},
     sinks::Sink,
     symbolize::Symbolizer,
     tracker::Tracker,
@@ -27,6 +28,8 @@ pub struct TargetInfo {
     pub name: String,
     pub entry: String,
     pub timeout: Duration,
+    pub captures: Vec<CaptureRequest>,
+    pub capture_len: u32,
 }
 
 /// Work for the reporting thread.
@@ -200,6 +203,14 @@ impl Reporter {
             cgroup: process.cgroup.clone(),
             target: target.map_or_else(String::new, |t| t.name.clone()),
             entry: target.map_or_else(String::new, |t| t.entry.clone()),
+            request: match (target, &capture.args) {
+                (Some(target), Some(args)) => Some(request_args::render(
+                    &target.captures,
+                    args,
+                    target.capture_len,
+                )),
+                _ => None,
+            },
             state,
             blocked_ms,
             syscall: Syscall::from_orig_ax(capture.regs.orig_ax),

@@ -107,6 +107,7 @@ mod tests {
             user_stack: vec![],
             user_stack_error: 0,
             return_slots: vec![],
+            args: None,
         }
     }
 

@@ -473,6 +473,7 @@ mod tests {
             user_stack: stack,
             user_stack_error: 0,
             return_slots: slots,
+            args: None,
         }
     }
 
@@ -517,8 +518,15 @@ mod tests {
             std::arch::asm!("lea {ip}, [rip]", "mov {sp}, rsp", "mov {bp}, rbp",
                 ip = out(reg) ip, sp = out(reg) sp, bp = out(reg) bp);
         }
-        let len = 16 * 1024;
-        // SAFETY: the 16 KiB above the stack pointer are this thread's live stack.
+        // Copy up to 16 KiB, but not past the end of this thread's stack mapping.
+        let stack_end = crate::procfs::maps(std::process::id())
+            .unwrap()
+            .into_iter()
+            .find(|m| (m.start..m.end).contains(&sp))
+            .map(|m| m.end)
+            .unwrap();
+        let len = (16 * 1024).min((stack_end - sp) as usize);
+        // SAFETY: [sp, sp + len) lies in this thread's live stack mapping.
         let stack = unsafe { std::slice::from_raw_parts(sp as *const u8, len) }.to_vec();
         let mut capture = capture_with_stack(stack, Vec::new());
         capture.pid = std::process::id();
