@@ -26,7 +26,7 @@ use crate::{
     request_args::{self, CaptureError},
     sinks::{JsonLines, Sink},
     targets::TargetError,
-    tracker::needs_off_cpu_capture,
+    tracker::{needs_off_cpu_capture, next_scan_in},
     watch::Watcher,
 };
 
@@ -162,8 +162,15 @@ async fn event_loop(
         .map_err(|err| AgentError::Io(err.into()))?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
-    let mut scan = time::interval(config.scan_interval);
-    scan.set_missed_tick_behavior(MissedTickBehavior::Skip);
+    let tick_ns = config.scan_interval.as_nanos() as u64;
+    let min_timeout_ns = config
+        .targets
+        .iter()
+        .map(|t| t.timeout.as_nanos() as u64)
+        .min()
+        .unwrap_or(tick_ns);
+    let next_scan = time::sleep(Duration::ZERO);
+    tokio::pin!(next_scan);
     let mut watch = time::interval(Duration::from_secs(1));
     watch.set_missed_tick_behavior(MissedTickBehavior::Skip);
     let stop_at = config.duration.map(|d| Instant::now() + d);
@@ -177,9 +184,10 @@ async fn event_loop(
                 drain(guard.get_inner_mut(), tx);
                 guard.clear_ready();
             }
-            _ = scan.tick() => {
+            () = &mut next_scan => {
                 let inflight = probes.inflight();
-                if needs_off_cpu_capture(&inflight, Clock::boot_ns()) {
+                let now = Clock::boot_ns();
+                if needs_off_cpu_capture(&inflight, now) {
                     if let Err(err) = probes.capture_off_cpu() {
                         if !capture_failed {
                             eprintln!("dogslow: {err}; blocked requests cannot be reported");
@@ -187,6 +195,8 @@ async fn event_loop(
                         }
                     }
                 }
+                let wait = next_scan_in(&inflight, now, min_timeout_ns, tick_ns);
+                next_scan.as_mut().reset(Instant::now() + Duration::from_nanos(wait));
             }
             _ = watch.tick() => {
                 drops.check(&probes.stats());

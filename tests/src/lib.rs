@@ -1,6 +1,8 @@
 //! Support for dogslow's root-only integration tests: start real target
 //! programs and a real `dogslow` against the real kernel, and collect what
 //! it reports.
+
+pub mod pg;
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     path::{Path, PathBuf},
