@@ -17,3 +17,4 @@ pub mod symbolize;
 pub mod targets;
 pub mod tracker;
 pub mod unwind;
+pub mod usdt;
