@@ -8,6 +8,7 @@ pub mod events;
 pub mod kernel_btf;
 pub mod loader;
 pub mod privileges;
+pub mod probe_list;
 pub mod probe_spec;
 pub mod procfs;
 pub mod report;

@@ -269,9 +269,14 @@ pub struct ArgRead {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ArgSource {
     /// The register at byte `regs_offset` of `struct pt_regs`.
-    Register { regs_offset: u32 },
+    Register {
+        regs_offset: u32,
+    },
     /// User memory at (the register at `regs_offset`) + `offset`.
-    Memory { regs_offset: u32, offset: i64 },
+    Memory {
+        regs_offset: u32,
+        offset: i64,
+    },
     Constant(i64),
 }
 
@@ -521,7 +526,11 @@ fn parse_note_desc(desc: &[u8], endian: Endianness) -> Option<RawNote> {
     };
     let (pc, base, semaphore) = (word(0)?, word(1)?, word(2)?);
     let mut strings = desc.get(24..)?.split(|&b| b == 0);
-    let mut next = || strings.next().map(|s| String::from_utf8_lossy(s).into_owned());
+    let mut next = || {
+        strings
+            .next()
+            .map(|s| String::from_utf8_lossy(s).into_owned())
+    };
     let provider = next()?;
     let name = next()?;
     // A probe without arguments may end right after its name.
@@ -612,7 +621,11 @@ pub fn parse_arg(text: &str) -> Result<UsdtArg, UsdtError> {
     };
     let size = match size_digits.parse::<u8>() {
         Ok(size @ (1 | 2 | 4 | 8)) => size,
-        _ => return Err(bad("the size must be 1, 2, 4 or 8 bytes, optionally negative")),
+        _ => {
+            return Err(bad(
+                "the size must be 1, 2, 4 or 8 bytes, optionally negative",
+            ));
+        }
     };
     let location = parse_location(location).map_err(|reason| bad(&reason))?;
     Ok(UsdtArg {
@@ -788,7 +801,11 @@ fn parse_integer(text: &str) -> Option<i64> {
         None => return None,
     };
     let value = magnitude as i64;
-    Some(if negative { value.wrapping_neg() } else { value })
+    Some(if negative {
+        value.wrapping_neg()
+    } else {
+        value
+    })
 }
 
 #[cfg(test)]
@@ -1005,10 +1022,7 @@ mod tests {
         // No arguments: the string may be empty or absent.
         let mut bare = desc[..24].to_vec();
         bare.extend_from_slice(b"p\0n\0");
-        assert_eq!(
-            parse_note_desc(&bare, Endianness::Little).unwrap().args,
-            ""
-        );
+        assert_eq!(parse_note_desc(&bare, Endianness::Little).unwrap().args, "");
         assert_eq!(parse_note_desc(&desc[..20], Endianness::Little), None);
         assert_eq!(parse_note_desc(&desc[..24], Endianness::Little), None);
     }
@@ -1056,7 +1070,10 @@ mod tests {
         };
         assert!(matches!(
             outside.resolve(path, None, &segments),
-            Err(UsdtError::NotExecutable { address: 0x3e00, .. })
+            Err(UsdtError::NotExecutable {
+                address: 0x3e00,
+                ..
+            })
         ));
         let bss = RawNote {
             semaphore: 0x40f0,
