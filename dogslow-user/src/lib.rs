@@ -11,6 +11,7 @@ pub mod privileges;
 pub mod probe_list;
 pub mod probe_spec;
 pub mod procfs;
+pub mod refctr_uprobe;
 pub mod report;
 pub mod reporter;
 pub mod sinks;
