@@ -22,7 +22,13 @@ const C_TARGETS: &[(&str, &str, &[&str])] = &[
         "chain.c",
         &["-O2", "-g", "-fomit-frame-pointer", "-pthread"],
     ),
+    ("usdt_requests", "usdt_requests.c", &["-O2", "-g"]),
 ];
+
+/// Further sources of a target. <sys/sdt.h> gives every USDT probe of a
+/// translation unit a semaphore or none, so a program with both kinds has
+/// two units.
+const EXTRA_SOURCES: &[(&str, &[&str])] = &[("usdt_requests", &["usdt_plain.c"])];
 
 fn main() {
     let out = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR")).join("targets");
@@ -30,14 +36,23 @@ fn main() {
     let sources = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("targets");
     println!("cargo:rerun-if-changed={}", sources.display());
     for (name, source, flags) in C_TARGETS {
+        let extra = EXTRA_SOURCES
+            .iter()
+            .filter(|(target, _)| target == name)
+            .flat_map(|(_, files)| files.iter().map(|file| sources.join(file)));
         let status = Command::new("gcc")
             .args(*flags)
             .arg("-o")
             .arg(out.join(name))
             .arg(sources.join(source))
+            .args(extra)
             .status()
             .expect("gcc is needed to build the test programs (cargo xtask setup installs it)");
-        assert!(status.success(), "compiling {source} failed");
+        assert!(
+            status.success(),
+            "compiling {source} failed (USDT programs need <sys/sdt.h>: cargo xtask setup \
+             installs systemtap-sdt-dev)"
+        );
     }
     // The same chain in Rust, release mode (no frame pointers by default).
     let rustc = env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());

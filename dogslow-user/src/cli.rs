@@ -1,11 +1,12 @@
 //! The command line. Everything here turns into a plain `AgentConfig`.
 use std::{path::PathBuf, time::Duration};
 
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgGroup, Args, Parser, Subcommand};
 use thiserror::Error;
 
 use crate::{
     config::{AgentConfig, DEFAULT_MAX_INFLIGHT, DEFAULT_SAMPLE_HZ, TargetSpec},
+    probe_list::{ListConfig, ProbeSource},
     probe_spec::ProbeSpec,
     request_args::{CaptureRequest, DEFAULT_CAPTURE_LEN},
 };
@@ -24,10 +25,52 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once per run: the size difference between the variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Watch processes for requests that run past a deadline.
     Attach(AttachArgs),
+    /// List the USDT probes a binary or process offers and, with --filter,
+    /// its functions: what --entry and --exit can name.
+    Probes(ProbesArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("source").required(true).args(["pid", "binary"])))]
+pub struct ProbesArgs {
+    /// A running process: its executable and the libraries it maps.
+    #[arg(long, value_name = "PID")]
+    pub pid: Option<u32>,
+
+    /// A binary or library on disk (no root needed).
+    #[arg(long, value_name = "PATH")]
+    pub binary: Option<PathBuf>,
+
+    /// Only probes and functions whose name contains TEXT (case-insensitive);
+    /// functions are listed only with a filter.
+    #[arg(long, value_name = "TEXT")]
+    pub filter: Option<String>,
+
+    /// One JSON object per probe or function instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl ProbesArgs {
+    pub fn into_config(self) -> ListConfig {
+        let source = match (self.pid, self.binary) {
+            (Some(pid), _) => ProbeSource::Pid(pid),
+            (None, Some(path)) => ProbeSource::Binary(path),
+            // clap's group makes one of them required.
+            (None, None) => ProbeSource::Pid(0),
+        };
+        ListConfig {
+            source,
+            filter: self.filter.filter(|text| !text.is_empty()),
+            json: self.json,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -192,12 +235,39 @@ mod tests {
     #[test]
     fn attach_defaults() {
         let cli = Cli::try_parse_from(["dogslow", "attach", "--pid", "1", "--entry", "f"]).unwrap();
-        let Command::Attach(args) = cli.command;
+        let Command::Attach(args) = cli.command else {
+            panic!("not attach: {cli:?}");
+        };
         let config = args.into_config().unwrap();
         assert_eq!(config.targets[0].timeout, Duration::from_secs(25));
         assert_eq!(config.sample_hz, 99);
         assert_eq!(config.targets[0].exit, None);
         assert_eq!(config.targets[0].pids, vec![1]);
+    }
+
+    #[test]
+    fn probes_needs_exactly_one_source() {
+        let cli =
+            Cli::try_parse_from(["dogslow", "probes", "--binary", "/bin/x", "--json"]).unwrap();
+        let Command::Probes(args) = cli.command else {
+            panic!("not probes: {cli:?}");
+        };
+        let config = args.into_config();
+        assert_eq!(config.source, ProbeSource::Binary("/bin/x".into()));
+        assert!(config.json);
+        assert_eq!(config.filter, None);
+        let cli =
+            Cli::try_parse_from(["dogslow", "probes", "--pid", "7", "--filter", "recv"]).unwrap();
+        let Command::Probes(args) = cli.command else {
+            panic!("not probes: {cli:?}");
+        };
+        let config = args.into_config();
+        assert_eq!(config.source, ProbeSource::Pid(7));
+        assert_eq!(config.filter.as_deref(), Some("recv"));
+        assert!(Cli::try_parse_from(["dogslow", "probes"]).is_err());
+        assert!(
+            Cli::try_parse_from(["dogslow", "probes", "--pid", "1", "--binary", "/bin/x"]).is_err()
+        );
     }
 
     #[test]

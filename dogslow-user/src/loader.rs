@@ -4,6 +4,7 @@
 use std::{
     io::{self, Read as _},
     num::NonZeroU32,
+    os::fd::{AsFd as _, BorrowedFd},
     path::Path,
 };
 
@@ -259,6 +260,25 @@ impl Probes {
                 })
             }
         }
+    }
+
+    /// The loaded request program for `role`, for attachments made outside
+    /// aya (`refctr_uprobe`: uprobes that hold a USDT semaphore).
+    pub fn program_fd(&self, role: ProbeRole) -> Result<BorrowedFd<'_>, LoadError> {
+        let program = self
+            .ebpf
+            .program(role.program())
+            .ok_or(LoadError::Program {
+                program: role.program(),
+                source: ProgramError::NotLoaded,
+            })?;
+        program
+            .fd()
+            .map(|fd| fd.as_fd())
+            .map_err(|source| LoadError::Program {
+                program: role.program(),
+                source,
+            })
     }
 
     /// Detaches a uprobe (its process is gone, or the agent reloads).

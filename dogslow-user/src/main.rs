@@ -1,9 +1,10 @@
-use std::process::ExitCode;
+use std::{io, process::ExitCode};
 
 use clap::Parser as _;
 use dogslow::{
     agent,
     cli::{Cli, Command},
+    probe_list,
 };
 
 fn main() -> ExitCode {
@@ -13,6 +14,8 @@ fn main() -> ExitCode {
             .into_config()
             .map_err(anyhow::Error::from)
             .and_then(|config| agent::run(config).map_err(anyhow::Error::from)),
+        Command::Probes(args) => probe_list::run(&args.into_config(), &mut io::stdout().lock())
+            .map_err(anyhow::Error::from),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -193,11 +193,20 @@ mod tests {
             )
         };
         // A request due in 3 s.
-        assert_eq!(next_scan_in(&[request(3_000 * MS, 0)], 0, 25_000 * MS, 10 * MS), 3_000 * MS);
+        assert_eq!(
+            next_scan_in(&[request(3_000 * MS, 0)], 0, 25_000 * MS, 10 * MS),
+            3_000 * MS
+        );
         // Reported requests do not count.
-        assert_eq!(next_scan_in(&[request(3_000 * MS, 1)], 0, 25_000 * MS, 10 * MS), 25_000 * MS);
+        assert_eq!(
+            next_scan_in(&[request(3_000 * MS, 1)], 0, 25_000 * MS, 10 * MS),
+            25_000 * MS
+        );
         // Overdue and unreported: every tick.
-        assert_eq!(next_scan_in(&[request(5 * MS, 0)], 9 * MS, 25_000 * MS, 10 * MS), 10 * MS);
+        assert_eq!(
+            next_scan_in(&[request(5 * MS, 0)], 9 * MS, 25_000 * MS, 10 * MS),
+            10 * MS
+        );
     }
 
     #[test]

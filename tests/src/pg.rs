@@ -32,11 +32,19 @@ fn as_postgres(program: &Path) -> Command {
 impl Postgres {
     /// initdb + start; panics with the server's words if it cannot.
     pub fn start() -> Self {
-        assert!(postgres_binary().exists(), "PostgreSQL 15 is not installed (cargo xtask setup installs it)");
-        let dir = std::env::temp_dir().join(format!("dogslow-pg-{}-{}", std::process::id(), unique()));
+        assert!(
+            postgres_binary().exists(),
+            "PostgreSQL 15 is not installed (cargo xtask setup installs it)"
+        );
+        let dir =
+            std::env::temp_dir().join(format!("dogslow-pg-{}-{}", std::process::id(), unique()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let status = Command::new("chown").arg("postgres:postgres").arg(&dir).status().unwrap();
+        let status = Command::new("chown")
+            .arg("postgres:postgres")
+            .arg(&dir)
+            .status()
+            .unwrap();
         assert!(status.success());
         let data = dir.join("data");
         let out = as_postgres(&Path::new(BIN_DIR).join("initdb"))
@@ -44,12 +52,23 @@ impl Postgres {
             .arg(&data)
             .output()
             .expect("initdb");
-        assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let port = 20000 + (std::process::id() % 20000) as u16;
         let server = as_postgres(&postgres_binary())
             .arg("-D")
             .arg(&data)
-            .args(["-p", &port.to_string(), "-c", "listen_addresses=", "-c", "fsync=off"])
+            .args([
+                "-p",
+                &port.to_string(),
+                "-c",
+                "listen_addresses=",
+                "-c",
+                "fsync=off",
+            ])
             .arg("-k")
             .arg(&dir)
             .stdout(Stdio::null())
@@ -80,7 +99,18 @@ impl Postgres {
     /// A psql command connected to this server.
     pub fn psql(&self) -> Command {
         let mut command = Command::new(Path::new(BIN_DIR).join("psql"));
-        command.args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-U", "postgres", "-h"])
+        command
+            .args([
+                "-X",
+                "-q",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-U",
+                "postgres",
+                "-h",
+            ])
             .arg(&self.dir)
             .args(["-p", &self.port.to_string(), "-d", "postgres"]);
         command
@@ -89,13 +119,22 @@ impl Postgres {
     /// Runs SQL to completion; returns stdout.
     pub fn query(&self, sql: &str) -> String {
         let out = self.psql().arg("-c").arg(sql).output().expect("psql");
-        assert!(out.status.success(), "{sql}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{sql}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// Starts SQL in the background (a session of its own).
     pub fn spawn_query(&self, sql: &str) -> Child {
-        self.psql().arg("-c").arg(sql).stdout(Stdio::null()).spawn().expect("psql")
+        self.psql()
+            .arg("-c")
+            .arg(sql)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("psql")
     }
 
     /// An interactive session fed through stdin.

@@ -6,12 +6,14 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::run;
 
-/// Debian packages: LLVM 22 for bpf-linker, a C compiler for the test
-/// programs, and the real peers and servers the tests and benchmarks use.
+/// Debian packages: LLVM 22 for bpf-linker, a C compiler and <sys/sdt.h>
+/// (USDT probes) for the test programs, and the real peers and servers the
+/// tests and benchmarks use.
 const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "gcc",
     "libc6-dev",
+    "systemtap-sdt-dev",
     "bpftrace",
     "postgresql",
     "python3-aiosmtpd",
