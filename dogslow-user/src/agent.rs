@@ -1,12 +1,9 @@
 //! The agent: checks, resolves and attaches the targets, then runs the event
 //! loop (ring buffer, deadline scan, process watch, signals) until told to
 //! stop, and drains every captured report before returning.
-use std::{
-    sync::{Arc, mpsc},
-    time::Duration,
-};
+use std::{sync::mpsc, time::Duration};
 
-use dogslow_common::{TARGET_FUNCTION_SCOPED, TargetConfig, stat};
+use dogslow_common::stat;
 use thiserror::Error;
 use tokio::{
     io::{Interest, unix::AsyncFd},
@@ -15,15 +12,13 @@ use tokio::{
 };
 
 use crate::{
-    config::{AgentConfig, TargetSpec},
+    config::AgentConfig,
     events,
     loader::{AttachError, LoadError, LoadOptions, Probes},
     privileges::{self, PrivilegeError},
-    probe_spec::ProbeLocation,
     procfs::ProcError,
     report::Clock,
-    reporter::{Message, Reporter, TargetInfo},
-    request_args::{self, CaptureError},
+    reporter::{Message, Reporter},
     sinks::{JsonLines, Sink},
     targets::TargetError,
     tracker::{needs_off_cpu_capture, next_scan_in},
@@ -46,46 +41,8 @@ pub enum AgentError {
     Attach(#[from] AttachError),
     #[error("{0}")]
     Unsupported(String),
-    #[error("target `{target}`: {source}")]
-    Capture {
-        target: String,
-        #[source]
-        source: CaptureError,
-    },
     #[error("event loop: {0}")]
     Io(#[from] std::io::Error),
-}
-
-/// The kernel-side settings of a target: deadline, scope and where each
-/// captured argument is at the entry probe.
-fn target_config(target: &TargetSpec) -> Result<TargetConfig, AgentError> {
-    let error = |source: CaptureError| AgentError::Capture {
-        target: target.name.clone(),
-        source,
-    };
-    request_args::check_all(&target.captures).map_err(error)?;
-    let mut config = TargetConfig {
-        timeout_ns: target.timeout.as_nanos().min(u128::from(u64::MAX)) as u64,
-        flags: if target.exit.is_none() {
-            TARGET_FUNCTION_SCOPED
-        } else {
-            0
-        },
-        capture_count: target.captures.len() as u32,
-        captures: Default::default(),
-    };
-    for (slot, capture) in config.captures.iter_mut().zip(&target.captures) {
-        *slot = match &target.entry.location {
-            ProbeLocation::Usdt { .. } => {
-                return Err(error(CaptureError::Unsupported {
-                    spec: capture.text.clone(),
-                    reason: "captures from USDT probes are not supported yet".into(),
-                }));
-            }
-            _ => request_args::function_argument(capture, target.capture_len).map_err(error)?,
-        };
-    }
-    Ok(config)
 }
 
 /// Runs `config` until its duration ends, SIGINT/SIGTERM, or every watched
@@ -95,35 +52,13 @@ pub fn run(config: AgentConfig) -> Result<(), AgentError> {
     let (tx, rx) = mpsc::channel();
     let mut watcher = Watcher::new(config.targets.clone(), tx.clone());
     watcher.validate()?;
-    let target_configs = config
-        .targets
-        .iter()
-        .map(target_config)
-        .collect::<Result<Vec<_>, _>>()?;
     let mut probes = Probes::load(&LoadOptions {
         max_inflight: config.max_inflight,
         user_stack_bytes: config.user_stack_bytes,
         sample_hz: config.sample_hz,
     })?;
-    for (index, target_config) in target_configs.into_iter().enumerate() {
-        probes.set_target(index as u32, target_config)?;
-    }
-
-    let targets: Arc<Vec<TargetInfo>> = Arc::new(
-        config
-            .targets
-            .iter()
-            .map(|t| TargetInfo {
-                name: t.name.clone(),
-                entry: t.entry.text.clone(),
-                timeout: t.timeout,
-                captures: t.captures.clone(),
-                capture_len: t.capture_len,
-            })
-            .collect(),
-    );
     let sinks: Vec<Box<dyn Sink>> = vec![Box::new(JsonLines::new(std::io::stdout()))];
-    let reporter = Reporter::spawn(targets, sinks, rx);
+    let reporter = Reporter::spawn(sinks, rx);
 
     watcher.attach_initial(&mut probes)?;
     eprintln!(

@@ -5,7 +5,6 @@ use std::{
     io::{self, Read as _},
     num::NonZeroU32,
     os::fd::{AsFd as _, BorrowedFd},
-    path::Path,
 };
 
 use aya::{
@@ -20,7 +19,11 @@ use aya::{
 use dogslow_common::{CaptureSettings, Inflight, KernelOffsets, MAX_TARGETS, TargetConfig, stat};
 use thiserror::Error;
 
-use crate::kernel_btf;
+use crate::{
+    kernel_btf,
+    refctr_uprobe::{self, RefCtrError, RefCtrUprobe, UprobeKind, UprobeRequest},
+    targets::AttachPoint,
+};
 
 /// The eBPF object, built by build.rs and embedded: one self-contained binary.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dogslow"));
@@ -62,7 +65,13 @@ pub enum AttachError {
         #[source]
         source: ProgramError,
     },
-    #[error("too many targets: dogslow drives at most {MAX_TARGETS}")]
+    #[error(transparent)]
+    RefCtr(#[from] RefCtrError),
+    #[error("{0}")]
+    Program(String),
+    #[error(
+        "too many targets: dogslow drives at most {MAX_TARGETS} (each USDT probe site with its own argument layout counts)"
+    )]
     TooManyTargets,
     #[error("writing the target table: {0}")]
     Map(#[from] aya::maps::MapError),
@@ -101,9 +110,11 @@ impl ProbeRole {
 
 /// A uprobe attachment, to detach when its process or binary goes away.
 #[derive(Debug)]
-pub struct UprobeLink {
-    role: ProbeRole,
-    id: UProbeLinkId,
+pub enum UprobeLink {
+    /// Attached through aya.
+    Aya { role: ProbeRole, id: UProbeLinkId },
+    /// Attached with a USDT semaphore (detaches when dropped).
+    RefCtr(RefCtrUprobe),
 }
 
 /// Settings fixed at load time.
@@ -218,16 +229,46 @@ impl Probes {
         Ok(())
     }
 
-    /// Attaches request probe `role` at `file_offset` in `path`, in process
-    /// `pid` only or, with `None`, in every process that maps the file.
+    /// Attaches request probe `role` at `point`, in process `pid` only or,
+    /// with `None`, in every process that maps the file. `cookie` is what the
+    /// entry program reads as its target slot.
     pub fn attach_uprobe(
         &mut self,
         role: ProbeRole,
-        path: &Path,
-        file_offset: u64,
+        point: &AttachPoint,
         pid: Option<u32>,
-        target: u32,
+        cookie: u32,
     ) -> Result<UprobeLink, AttachError> {
+        if point.ref_ctr_offset.is_some() {
+            // USDT probes with a semaphore: the kernel raises it while the
+            // probe exists, in every process, and lowers it when it goes.
+            let request = UprobeRequest {
+                path: &point.path,
+                file_offset: point.file_offset,
+                ref_ctr_offset: point.ref_ctr_offset,
+                kind: match role {
+                    ProbeRole::Return => UprobeKind::Return,
+                    ProbeRole::Entry | ProbeRole::Exit => UprobeKind::Entry,
+                },
+                scope: match pid {
+                    Some(pid) => refctr_uprobe::UprobeScope::Process(pid),
+                    None => refctr_uprobe::UprobeScope::AllProcesses,
+                },
+                cookie: u64::from(cookie),
+            };
+            let program = self
+                .program_fd(role)
+                .map_err(|err| AttachError::Program(err.to_string()))?;
+            return refctr_uprobe::attach(program, &request)
+                .map(UprobeLink::RefCtr)
+                .map_err(|err| match err {
+                    RefCtrError::ProcessGone { pid } => AttachError::ProcessGone { pid },
+                    other => AttachError::RefCtr(other),
+                });
+        }
+        let path = point.path.as_path();
+        let file_offset = point.file_offset;
+        let target = cookie;
         let scope = match pid.and_then(NonZeroU32::new) {
             Some(pid) => UProbeScope::OneProcess(pid),
             None => UProbeScope::AllProcesses,
@@ -246,7 +287,7 @@ impl Probes {
             cookie: Some(u64::from(target)),
         };
         match program.attach(point, path, scope) {
-            Ok(id) => Ok(UprobeLink { role, id }),
+            Ok(id) => Ok(UprobeLink::Aya { role, id }),
             Err(source) => {
                 if let Some(pid) = pid {
                     if !crate::procfs::process_exists(pid) {
@@ -283,8 +324,13 @@ impl Probes {
 
     /// Detaches a uprobe (its process is gone, or the agent reloads).
     pub fn detach_uprobe(&mut self, link: UprobeLink) {
-        if let Ok(program) = uprobe(&mut self.ebpf, link.role.program()) {
-            let _ = program.detach(link.id);
+        match link {
+            UprobeLink::Aya { role, id } => {
+                if let Ok(program) = uprobe(&mut self.ebpf, role.program()) {
+                    let _ = program.detach(id);
+                }
+            }
+            UprobeLink::RefCtr(probe) => drop(probe),
         }
     }
 

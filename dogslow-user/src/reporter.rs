@@ -3,7 +3,7 @@
 //! order the kernel produced them. Owns everything that is not `Sync`.
 use std::{
     collections::{HashMap, VecDeque},
-    sync::{Arc, mpsc},
+    sync::mpsc,
     thread,
     time::{Duration, Instant},
 };
@@ -34,6 +34,9 @@ pub struct TargetInfo {
 
 /// Work for the reporting thread.
 pub enum Message {
+    /// A kernel target slot (attach cookie) and what it stands for; sent
+    /// before any probe can report through it.
+    Target(u32, TargetInfo),
     Event(Event),
     /// A process was seen for the first time: cache what symbolizing it
     /// needs, in case it exits before its reports are written.
@@ -47,7 +50,7 @@ pub enum Message {
 const FORGET_AFTER: Duration = Duration::from_secs(30);
 
 pub struct Reporter {
-    targets: Arc<Vec<TargetInfo>>,
+    targets: HashMap<u32, TargetInfo>,
     host: String,
     unwinder: StackUnwinder,
     symbolizer: Symbolizer,
@@ -63,9 +66,9 @@ pub struct Reporter {
 const PROCESS_CACHE_LIMIT: usize = 4096;
 
 impl Reporter {
-    pub fn new(targets: Arc<Vec<TargetInfo>>, sinks: Vec<Box<dyn Sink>>) -> Self {
+    pub fn new(sinks: Vec<Box<dyn Sink>>) -> Self {
         Self {
-            targets,
+            targets: HashMap::new(),
             host: procfs::host_name(),
             unwinder: StackUnwinder::new(),
             symbolizer: Symbolizer::new(),
@@ -80,14 +83,13 @@ impl Reporter {
     /// it is built there); runs until the channel closes, then finishes the
     /// sinks.
     pub fn spawn(
-        targets: Arc<Vec<TargetInfo>>,
         sinks: Vec<Box<dyn Sink>>,
         messages: mpsc::Receiver<Message>,
     ) -> thread::JoinHandle<()> {
         thread::Builder::new()
             .name("dogslow-report".into())
             .spawn(move || {
-                let mut reporter = Self::new(targets, sinks);
+                let mut reporter = Self::new(sinks);
                 for message in messages {
                     reporter.handle(message);
                 }
@@ -104,6 +106,9 @@ impl Reporter {
     pub fn handle(&mut self, message: Message) {
         self.forget_exited();
         match message {
+            Message::Target(slot, info) => {
+                self.targets.insert(slot, info);
+            }
             Message::ProcessSeen(pid) => {
                 self.process(pid);
                 self.symbolizer.cache_process(pid);
@@ -176,7 +181,7 @@ impl Reporter {
                 .map(str::to_owned);
         }
         let kernel_frames = self.symbolizer.kernel_frames(&capture.kernel_stack);
-        let target = self.targets.get(capture.target as usize);
+        let target = self.targets.get(&capture.target);
         let state = capture.state.as_str();
         let blocked_ms = match (capture.state, capture.off_cpu_since_ns) {
             (ThreadState::Blocked, Some(since)) => {

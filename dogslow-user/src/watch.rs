@@ -14,15 +14,18 @@ use std::{
     sync::mpsc,
 };
 
+use dogslow_common::{CaptureSpec, MAX_CAPTURES, TARGET_FUNCTION_SCOPED, TargetConfig};
+
 use crate::{
     agent::AgentError,
     config::TargetSpec,
     elf::ElfImage,
     loader::{ProbeRole, Probes, UprobeLink},
-    probe_spec::ProbeSpec,
+    probe_spec::{ProbeLocation, ProbeSpec},
     procfs,
-    reporter::Message,
-    targets::{self, TargetError},
+    reporter::{Message, TargetInfo},
+    request_args,
+    targets::{self, AttachPoint, TargetError},
 };
 
 /// A file's identity.
@@ -62,6 +65,10 @@ pub struct Watcher {
     seen: HashMap<u32, (u64, Option<FileId>)>,
     /// Processes found running or mapping a `--binary`.
     matched: HashSet<u32>,
+    /// Kernel target slots (attach cookies): a target, and where its
+    /// captures are at the entry points that use the slot. A target whose
+    /// USDT sites lay their arguments out differently gets a slot per layout.
+    slots: Vec<(u32, [CaptureSpec; MAX_CAPTURES])>,
     messages: mpsc::Sender<Message>,
 }
 
@@ -73,8 +80,77 @@ impl Watcher {
             process_links: HashMap::new(),
             seen: HashMap::new(),
             matched: HashSet::new(),
+            slots: Vec::new(),
             messages,
         }
+    }
+
+    /// The kernel slot for target `index` with captures laid out as `specs`,
+    /// configured (timeout, scope, captures) and announced to the reporter
+    /// before any probe can use it.
+    fn slot(
+        &mut self,
+        probes: &mut Probes,
+        index: u32,
+        specs: [CaptureSpec; MAX_CAPTURES],
+    ) -> Result<u32, AgentError> {
+        if let Some(slot) = self.slots.iter().position(|s| *s == (index, specs)) {
+            return Ok(slot as u32);
+        }
+        let slot = self.slots.len() as u32;
+        let target = &self.targets[index as usize];
+        probes.set_target(
+            slot,
+            TargetConfig {
+                timeout_ns: target.timeout.as_nanos().min(u128::from(u64::MAX)) as u64,
+                flags: if target.exit.is_none() {
+                    TARGET_FUNCTION_SCOPED
+                } else {
+                    0
+                },
+                capture_count: target.captures.len() as u32,
+                captures: specs,
+            },
+        )?;
+        let _ = self.messages.send(Message::Target(
+            slot,
+            TargetInfo {
+                name: target.name.clone(),
+                entry: target.entry.text.clone(),
+                timeout: target.timeout,
+                captures: target.captures.clone(),
+                capture_len: target.capture_len,
+            },
+        ));
+        self.slots.push((index, specs));
+        Ok(slot)
+    }
+
+    /// Attaches every point of one probe; the entry's cookie is its slot.
+    fn attach_points(
+        &mut self,
+        probes: &mut Probes,
+        index: u32,
+        role: ProbeRole,
+        points: &[AttachPoint],
+        pid: Option<u32>,
+        links: &mut Vec<UprobeLink>,
+    ) -> Result<(), AgentError> {
+        let target = self.targets[index as usize].clone();
+        for point in points {
+            let cookie = if role == ProbeRole::Entry {
+                let specs = targets::capture_specs(point, &target.captures, target.capture_len)
+                    .map_err(|source| AgentError::Target {
+                        target: target.name.clone(),
+                        source,
+                    })?;
+                self.slot(probes, index, specs)?
+            } else {
+                0
+            };
+            links.push(probes.attach_uprobe(role, point, pid, cookie)?);
+        }
+        Ok(())
     }
 
     /// Checks what can be checked before the eBPF programs load, so bad
@@ -86,20 +162,39 @@ impl Watcher {
                 target: target.name.clone(),
                 source,
             };
+            if matches!(target.entry.location, ProbeLocation::Usdt { .. }) && target.exit.is_none()
+            {
+                return Err(AgentError::Unsupported(format!(
+                    "target `{}`: a USDT entry probe needs --exit (a probe site is not a function: \
+                     there is no return to wait for), e.g. --exit usdt:PROVIDER:DONE_PROBE",
+                    target.name
+                )));
+            }
+            request_args::check_all(&target.captures).map_err(|e| error(e.into()))?;
+            let check =
+                |object: &Path, role: ProbeRole, spec: &ProbeSpec| -> Result<(), AgentError> {
+                    for point in targets::resolve(object, spec).map_err(error)? {
+                        if role == ProbeRole::Entry {
+                            targets::capture_specs(&point, &target.captures, target.capture_len)
+                                .map_err(error)?;
+                        }
+                    }
+                    Ok(())
+                };
             for &pid in &target.pids {
-                for (_, spec) in probe_roles(target) {
+                for (role, spec) in probe_roles(target) {
                     let object = targets::object_for_pid(pid, spec).map_err(error)?;
-                    targets::resolve(&object, spec).map_err(error)?;
+                    check(&object, role, spec)?;
                 }
             }
             for binary in &target.binaries {
                 if binary.exists() {
                     ElfImage::open(binary).map_err(|e| error(e.into()))?;
-                    for (_, spec) in probe_roles(target)
+                    for (role, spec) in probe_roles(target)
                         .into_iter()
                         .filter(|(_, s)| s.library.is_none())
                     {
-                        targets::resolve(binary, spec).map_err(error)?;
+                        check(binary, role, spec)?;
                     }
                 } else if !binary.is_absolute() {
                     return Err(AgentError::Unsupported(format!(
@@ -247,8 +342,17 @@ impl Watcher {
             if spec.library.is_some() {
                 continue;
             }
-            let point = targets::resolve(path, spec).map_err(error)?;
-            links.push(probes.attach_uprobe(role, &point.path, point.file_offset, None, index)?);
+            let attached = targets::resolve(path, spec)
+                .map_err(error)
+                .and_then(|points| {
+                    self.attach_points(probes, index, role, &points, None, &mut links)
+                });
+            if let Err(err) = attached {
+                for link in links {
+                    probes.detach_uprobe(link);
+                }
+                return Err(err);
+            }
         }
         self.file_links.insert((index, file), links);
         Ok(())
@@ -273,16 +377,17 @@ impl Watcher {
             if !explicit && spec.library.is_none() {
                 continue;
             }
-            let object = targets::object_for_pid(pid, spec).map_err(error)?;
-            let point = targets::resolve(&object, spec).map_err(error)?;
-            match probes.attach_uprobe(role, &point.path, point.file_offset, Some(pid), index) {
-                Ok(link) => links.push(link),
-                Err(err) => {
-                    for link in links {
-                        probes.detach_uprobe(link);
-                    }
-                    return Err(err.into());
+            let attached = targets::object_for_pid(pid, spec)
+                .and_then(|object| targets::resolve(&object, spec))
+                .map_err(error)
+                .and_then(|points| {
+                    self.attach_points(probes, index, role, &points, Some(pid), &mut links)
+                });
+            if let Err(err) = attached {
+                for link in links {
+                    probes.detach_uprobe(link);
                 }
+                return Err(err);
             }
         }
         self.process_links.insert((index, pid), links);

@@ -167,7 +167,8 @@ fn load() -> Probes {
                 TargetConfig {
                     timeout_ns: 3_600_000_000_000,
                     flags: 0,
-                    _pad: 0,
+                    capture_count: 0,
+                    captures: Default::default(),
                 },
             )
             .unwrap();
