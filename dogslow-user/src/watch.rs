@@ -170,6 +170,20 @@ impl Watcher {
                     target.name
                 )));
             }
+            if let (None, ProbeLocation::Symbol { offset, .. }) =
+                (&target.exit, &target.entry.location)
+            {
+                if *offset != 0 {
+                    // A uretprobe anywhere but a function's first instruction
+                    // would overwrite something other than the return address.
+                    return Err(AgentError::Unsupported(format!(
+                        "target `{}`: without --exit a request ends when the entry function returns, \
+                         which needs the probe on the function's first instruction; drop the +{offset} \
+                         or give --exit",
+                        target.name
+                    )));
+                }
+            }
             request_args::check_all(&target.captures).map_err(|e| error(e.into()))?;
             let check =
                 |object: &Path, role: ProbeRole, spec: &ProbeSpec| -> Result<(), AgentError> {

@@ -196,6 +196,85 @@ fn exit_form_requests_end_at_the_exit_function() {
     assert_eq!(finished.completions().len(), stalls.len());
 }
 
+/// (file offset of `function`, file offset of its second instruction),
+/// from the target's own disassembly.
+fn function_offsets(function: &str) -> (u64, u64) {
+    let out = std::process::Command::new("objdump")
+        .args(["-d", "--no-show-raw-insn"])
+        .arg(target_bin("slow_requests"))
+        .output()
+        .expect("objdump (binutils)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lines = text
+        .lines()
+        .skip_while(|l| !l.ends_with(&format!("<{function}>:")))
+        .skip(1);
+    let mut address = || -> u64 {
+        let line = lines.next().unwrap();
+        u64::from_str_radix(line.trim().split(':').next().unwrap(), 16).unwrap()
+    };
+    (address(), address())
+}
+
+#[test]
+fn symbol_plus_offset_and_file_offset_probes() {
+    require_root();
+    let (begin, second) = function_offsets("begin_request");
+    let (end, _) = function_offsets("end_request");
+    // gcc's PIE text: file offset == address.
+    let entry = format!("begin_request+{}", second - begin);
+    let exit = format!("{end:#x}");
+    let mut target = Target::spawn(
+        "slow_requests",
+        &[
+            "--requests",
+            "4",
+            "--slow-every",
+            "2",
+            "--slow-ms",
+            "800",
+            "--exit-form",
+            "--wait",
+        ],
+    );
+    let pid = target.pid().to_string();
+    let agent = Agent::start(&[
+        "attach",
+        "--pid",
+        &pid,
+        "--entry",
+        &entry,
+        "--exit",
+        &exit,
+        "--timeout",
+        "300ms",
+    ]);
+    target.go();
+    target.finish(Duration::from_secs(30));
+    let finished = agent.wait(Duration::from_secs(20));
+    let stalls = finished.stalls();
+    assert_eq!(stalls.len(), 2, "{stalls:#?}\n{}", finished.stderr);
+    assert_eq!(stalls[0]["entry"], entry.as_str());
+    assert_in_order(
+        &functions(&stalls[0], "user_stack"),
+        &["spin_for", "dispatch", "main"],
+    );
+    assert_eq!(
+        finished.completions().len(),
+        2,
+        "the file-offset exit ended them"
+    );
+
+    // Without --exit the entry must be a function's first instruction.
+    let finished = run_dogslow(&["attach", "--pid", &pid, "--entry", &entry]);
+    assert!(!finished.status.success());
+    assert!(
+        finished.stderr.contains("first instruction"),
+        "{}",
+        finished.stderr
+    );
+}
+
 #[test]
 fn another_request_on_the_same_thread_gets_its_own_report() {
     require_root();
