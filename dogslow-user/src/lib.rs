@@ -6,6 +6,7 @@ pub mod config;
 pub mod elf;
 pub mod events;
 pub mod kernel_btf;
+pub mod kube;
 pub mod loader;
 pub mod privileges;
 pub mod probe_list;

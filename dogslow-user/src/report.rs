@@ -71,6 +71,11 @@ pub struct StallReport {
     pub thread: String,
     pub exe: String,
     pub cgroup: Option<String>,
+    /// The container (from the cgroup path) and pod, when there is one.
+    pub container_id: Option<String>,
+    pub pod_uid: Option<String>,
+    pub pod: Option<String>,
+    pub pod_namespace: Option<String>,
     pub target: String,
     pub entry: String,
     /// The request's captured arguments (`--capture`), by name.
@@ -238,6 +243,10 @@ mod tests {
             thread: "demo".into(),
             exe: "/usr/bin/demo".into(),
             cgroup: None,
+            container_id: None,
+            pod_uid: None,
+            pod: None,
+            pod_namespace: None,
             target: "demo".into(),
             entry: "handle_request".into(),
             request: None,
