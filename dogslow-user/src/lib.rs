@@ -8,6 +8,7 @@ pub mod events;
 pub mod kernel_btf;
 pub mod kube;
 pub mod loader;
+pub mod metrics;
 pub mod privileges;
 pub mod probe_list;
 pub mod probe_spec;
