@@ -23,7 +23,7 @@ use crate::{
     procfs::{self, ProcError},
     report::Clock,
     reporter::{Message, Reporter, TargetInfo},
-    sinks::{JsonLines, Sink},
+    sinks::{self, SinkError},
     targets::{self, AttachPoint, TargetError},
     tracker::needs_off_cpu_capture,
 };
@@ -46,6 +46,8 @@ pub enum AgentError {
     Unsupported(String),
     #[error("event loop: {0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Sinks(#[from] SinkError),
 }
 
 /// One uprobe to attach for a target.
@@ -131,7 +133,7 @@ pub fn run(config: AgentConfig) -> Result<(), AgentError> {
             })
             .collect(),
     );
-    let sinks: Vec<Box<dyn Sink>> = vec![Box::new(JsonLines::new(std::io::stdout()))];
+    let sinks = sinks::build(&config.output)?;
     let (tx, rx) = mpsc::channel();
     let reporter = Reporter::spawn(targets, sinks, rx);
 

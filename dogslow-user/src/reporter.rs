@@ -176,6 +176,8 @@ impl Reporter {
             user_stack_truncated: unwound.truncated.is_some(),
             user_stack_truncated_reason: unwound.truncated,
             kernel_stack: kernel_frames.iter().map(FrameJson::from).collect(),
+            // Captured arguments arrive with issue 6.
+            request: None,
         })
     }
 
