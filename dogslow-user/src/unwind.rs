@@ -490,6 +490,24 @@ mod tests {
 
     #[test]
     fn unwinds_own_thread_through_dwarf() {
+        // The copy below reads 16 KiB above the stack pointer. A test
+        // thread's stack may end sooner (then the read faults, depending on
+        // what else runs), so this frame holds that much stack for it.
+        let reserve = [0u8; 20 * 1024];
+        std::hint::black_box(&reserve);
+        call_unwind();
+        std::hint::black_box(&reserve);
+    }
+
+    #[inline(never)]
+    fn call_unwind() {
+        unwind_from_here();
+        // Not a tail call: this frame stays on the stack to be unwound.
+        std::hint::black_box(());
+    }
+
+    #[inline(never)]
+    fn unwind_from_here() {
         // Unwind this test's own stack: copy it and the registers, then
         // check the walk gets past this function into the test harness.
         let (ip, sp, bp): (u64, u64, u64);
@@ -499,7 +517,8 @@ mod tests {
                 ip = out(reg) ip, sp = out(reg) sp, bp = out(reg) bp);
         }
         let len = 16 * 1024;
-        // SAFETY: the 16 KiB above the stack pointer are this thread's live stack.
+        // SAFETY: the 16 KiB above the stack pointer are this thread's live
+        // stack: they end inside the 20 KiB `reserve` two frames up.
         let stack = unsafe { std::slice::from_raw_parts(sp as *const u8, len) }.to_vec();
         let mut capture = capture_with_stack(stack, Vec::new());
         capture.pid = std::process::id();

@@ -15,6 +15,7 @@ const PACKAGES: &[&str] = &[
     "bpftrace",
     "postgresql",
     "python3-aiosmtpd",
+    "openssl",
     "util-linux",
     "binutils",
 ];
