@@ -2,7 +2,7 @@
 //! command line today). No clap types here.
 use std::{path::PathBuf, time::Duration};
 
-use crate::{probe_spec::ProbeSpec, request_args::CaptureRequest};
+use crate::{probe_spec::ProbeSpec, request_args::CaptureRequest, sinks::email::EmailConfig};
 
 /// The original Dogslow's deadline.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(25);
@@ -37,6 +37,28 @@ pub struct AgentConfig {
     pub user_stack_bytes: u32,
     /// How often the deadline scan looks for overdue off-CPU requests.
     pub scan_interval: Duration,
+    /// Where reports go besides stdout, and stdout's format.
+    pub output: OutputConfig,
+}
+
+/// The form of the reports on stdout.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ReportFormat {
+    /// One JSON object per line (the stable interface).
+    #[default]
+    Json,
+    /// The human report, as mailed.
+    Text,
+}
+
+/// Report destinations.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OutputConfig {
+    pub format: ReportFormat,
+    /// Also write each report to its own files here.
+    pub dir: Option<PathBuf>,
+    /// Also mail stall reports (storm-controlled).
+    pub email: Option<EmailConfig>,
 }
 
 impl AgentConfig {

@@ -17,6 +17,7 @@ const PACKAGES: &[&str] = &[
     "bpftrace",
     "postgresql",
     "python3-aiosmtpd",
+    "openssl",
     "util-linux",
     "binutils",
 ];
