@@ -6,16 +6,13 @@ use thiserror::Error;
 
 use crate::{
     config::{
-        AgentConfig, DEFAULT_MAX_INFLIGHT, DEFAULT_SAMPLE_HZ, OutputConfig, ReportFormat,
-        TargetSpec,
+        AgentConfig, DEFAULT_MAX_INFLIGHT, DEFAULT_SAMPLE_HZ, OutputError, OutputSettings,
+        ReportFormat, TargetSpec, parse_positive_duration, parse_timeout,
     },
     probe_list::{ListConfig, ProbeSource},
     probe_spec::ProbeSpec,
     request_args::{CaptureRequest, DEFAULT_CAPTURE_LEN},
-    sinks::{
-        email::{DEFAULT_MAX_PER_HOUR, EmailConfig, RetryPolicy},
-        smtp::{PASSWORD_ENV, SmtpError, SmtpServer},
-    },
+    sinks::smtp::PASSWORD_ENV,
 };
 
 #[derive(Debug, Parser)]
@@ -145,22 +142,8 @@ pub struct AttachArgs {
 pub enum CliError {
     #[error("give at least one --pid or --binary")]
     NoTarget,
-    #[error(
-        "--email-to needs --smtp URL, the mail server to send through (e.g. smtp://localhost:25)"
-    )]
-    EmailWithoutServer,
-    #[error("--{0} is only used for email: add --email-to ADDR and --smtp URL")]
-    EmailOptionWithoutEmail(&'static str),
-    #[error(
-        "--{flag} `{address}` is not a mail address ({reason}); write e.g. ops@example.com or \"Ops <ops@example.com>\""
-    )]
-    BadAddress {
-        flag: &'static str,
-        address: String,
-        reason: String,
-    },
     #[error(transparent)]
-    Smtp(#[from] SmtpError),
+    Output(#[from] OutputError),
 }
 
 fn parse_capture(text: &str) -> Result<CaptureRequest, String> {
@@ -171,41 +154,6 @@ fn parse_capture(text: &str) -> Result<CaptureRequest, String> {
 fn parse_probe(text: &str) -> Result<ProbeSpec, String> {
     text.parse()
         .map_err(|err: crate::probe_spec::ProbeSpecError| err.to_string())
-}
-
-/// A human duration (`250ms`, `2s`, `1m`, `1h30m`); bare numbers are seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    if let Ok(seconds) = text.parse::<f64>() {
-        if seconds.is_finite() && seconds >= 0.0 {
-            return Ok(Duration::from_secs_f64(seconds));
-        }
-    }
-    humantime::parse_duration(text).map_err(|err| {
-        format!("`{text}` is not a duration ({err}); write e.g. 250ms, 2s, 1m or 1h30m")
-    })
-}
-
-fn parse_positive_duration(text: &str) -> Result<Duration, String> {
-    let duration = parse_duration(text)?;
-    if duration.is_zero() {
-        return Err("must be greater than zero".into());
-    }
-    Ok(duration)
-}
-
-fn parse_timeout(text: &str) -> Result<Duration, String> {
-    let timeout = parse_duration(text)?;
-    if timeout.is_zero() {
-        return Err(
-            "a zero timeout would report every request; give a deadline such as 500ms or 25s"
-                .into(),
-        );
-    }
-    if timeout < Duration::from_millis(1) {
-        return Err("the timeout must be at least 1ms".into());
-    }
-    Ok(timeout)
 }
 
 impl AttachArgs {
@@ -229,7 +177,10 @@ impl AttachArgs {
             max_inflight: self.max_inflight,
             user_stack_bytes: self.user_stack_bytes,
             scan_interval: Duration::from_millis(10),
-            output: self.output.into_config(std::env::var(PASSWORD_ENV).ok())?,
+            output: self
+                .output
+                .into_settings()
+                .into_config(std::env::var(PASSWORD_ENV).ok())?,
         })
     }
 }
@@ -287,83 +238,29 @@ pub struct OutputArgs {
 }
 
 impl OutputArgs {
-    /// `password_env`: the value of $DOGSLOW_SMTP_PASSWORD, if set.
-    pub fn into_config(self, password_env: Option<String>) -> Result<OutputConfig, CliError> {
-        let format = match self.format {
-            FormatArg::Json => ReportFormat::Json,
-            FormatArg::Text => ReportFormat::Text,
-        };
-        let email = match (self.email_to.is_empty(), &self.smtp) {
-            (true, None) => {
-                let email_only = [
-                    ("email-from", self.email_from.is_some()),
-                    ("smtp-password-file", self.smtp_password_file.is_some()),
-                    ("smtp-ca-file", self.smtp_ca_file.is_some()),
-                    ("email-interval", self.email_interval.is_some()),
-                    ("email-max-per-hour", self.email_max_per_hour.is_some()),
-                ];
-                if let Some((flag, _)) = email_only.iter().find(|(_, given)| *given) {
-                    return Err(CliError::EmailOptionWithoutEmail(flag));
-                }
-                None
-            }
-            (true, Some(_)) => return Err(CliError::EmailOptionWithoutEmail("smtp")),
-            (false, None) => return Err(CliError::EmailWithoutServer),
-            (false, Some(url)) => {
-                let server = SmtpServer::parse(url)?
-                    .with_password(password_env, self.smtp_password_file.as_deref())?
-                    .with_ca_file(self.smtp_ca_file.as_deref())?;
-                let to = self
-                    .email_to
-                    .iter()
-                    .map(|address| parse_mailbox("email-to", address))
-                    .collect::<Result<Vec<_>, _>>()?;
-                let from = match &self.email_from {
-                    Some(address) => parse_mailbox("email-from", address)?,
-                    None => default_sender(),
-                };
-                Some(EmailConfig {
-                    to,
-                    from,
-                    server,
-                    interval: self
-                        .email_interval
-                        .unwrap_or(crate::sinks::email::DEFAULT_INTERVAL),
-                    max_per_hour: self.email_max_per_hour.unwrap_or(DEFAULT_MAX_PER_HOUR),
-                    retry: RetryPolicy::default(),
-                })
-            }
-        };
-        Ok(OutputConfig {
-            format,
-            dir: self.output_dir,
-            email,
-        })
+    /// The plain settings these flags stand for.
+    pub fn into_settings(self) -> OutputSettings {
+        OutputSettings {
+            format: Some(match self.format {
+                FormatArg::Json => ReportFormat::Json,
+                FormatArg::Text => ReportFormat::Text,
+            }),
+            output_dir: self.output_dir,
+            email_to: self.email_to,
+            email_from: self.email_from,
+            smtp: self.smtp,
+            smtp_password_file: self.smtp_password_file,
+            smtp_ca_file: self.smtp_ca_file,
+            email_interval: self.email_interval,
+            email_max_per_hour: self.email_max_per_hour,
+        }
     }
-}
-
-fn parse_mailbox(flag: &'static str, address: &str) -> Result<lettre::message::Mailbox, CliError> {
-    address
-        .parse()
-        .map_err(|err: lettre::address::AddressError| CliError::BadAddress {
-            flag,
-            address: address.to_owned(),
-            reason: err.to_string(),
-        })
-}
-
-/// `dogslow@HOSTNAME`, or `dogslow@localhost` when the host name is not a
-/// valid mail domain.
-fn default_sender() -> lettre::message::Mailbox {
-    let host = crate::procfs::host_name();
-    format!("dogslow@{host}").parse().unwrap_or_else(|_| {
-        lettre::message::Mailbox::new(None, lettre::Address::new_dangerous("dogslow", "localhost"))
-    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{OutputConfig, parse_duration};
 
     #[test]
     fn durations() {
@@ -399,13 +296,15 @@ mod tests {
         assert_eq!(config.targets[0].pids, vec![1]);
     }
 
-    fn output(args: &[&str], password_env: Option<&str>) -> Result<OutputConfig, CliError> {
+    fn output(args: &[&str], password_env: Option<&str>) -> Result<OutputConfig, OutputError> {
         let mut argv = vec!["dogslow", "attach", "--pid", "1", "--entry", "f"];
         argv.extend_from_slice(args);
         let Command::Attach(args) = Cli::try_parse_from(argv).unwrap().command else {
             unreachable!("parsed an attach command");
         };
-        args.output.into_config(password_env.map(str::to_owned))
+        args.output
+            .into_settings()
+            .into_config(password_env.map(str::to_owned))
     }
 
     #[test]
