@@ -1,7 +1,7 @@
 //! The agent: checks, resolves and attaches the targets, then runs the event
 //! loop (ring buffer, deadline scan, process watch, signals) until told to
 //! stop, and drains every captured report before returning.
-use std::{sync::mpsc, time::Duration};
+use std::{path::PathBuf, sync::mpsc, time::Duration};
 
 use dogslow_common::stat;
 use thiserror::Error;
@@ -13,13 +13,14 @@ use tokio::{
 
 use crate::{
     config::AgentConfig,
-    events,
+    config_file, events,
     loader::{AttachError, LoadError, LoadOptions, Probes},
+    metrics::{self, Metrics, MetricsError},
     privileges::{self, PrivilegeError},
     procfs::ProcError,
     report::Clock,
     reporter::{Message, Reporter},
-    sinks::{self, SinkError},
+    sinks::{SinkError, SinkSet, smtp::PASSWORD_ENV},
     targets::TargetError,
     tracker::{needs_off_cpu_capture, next_scan_in},
     watch::Watcher,
@@ -45,22 +46,34 @@ pub enum AgentError {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Sinks(#[from] SinkError),
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
 }
 
 /// Runs `config` until its duration ends, SIGINT/SIGTERM, or every watched
-/// process has exited.
-pub fn run(config: AgentConfig) -> Result<(), AgentError> {
+/// process has exited. With `config_path` (`dogslow run`), SIGHUP reloads
+/// the targets and outputs from that file.
+pub fn run(config: AgentConfig, config_path: Option<PathBuf>) -> Result<(), AgentError> {
     privileges::check()?;
+    let metrics = Metrics::new();
     let (tx, rx) = mpsc::channel();
     let mut watcher = Watcher::new(config.targets.clone(), tx.clone());
     watcher.validate()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    // Bind before loading anything: a taken port is a start-up error.
+    let listener = match config.metrics_addr {
+        Some(addr) => Some(runtime.block_on(metrics::bind(addr))?),
+        None => None,
+    };
     let mut probes = Probes::load(&LoadOptions {
         max_inflight: config.max_inflight,
         user_stack_bytes: config.user_stack_bytes,
         sample_hz: config.sample_hz,
     })?;
-    let sinks = sinks::build(&config.output)?;
-    let reporter = Reporter::spawn(sinks, rx);
+    let sinks = SinkSet::build(&config, &metrics.mail_counters())?;
+    let reporter = Reporter::spawn(sinks, metrics.clone(), rx);
 
     watcher.attach_initial(&mut probes)?;
     eprintln!(
@@ -73,11 +86,22 @@ pub fn run(config: AgentConfig) -> Result<(), AgentError> {
             .collect::<Vec<_>>()
             .join(", ")
     );
+    if let Some(listener) = listener {
+        if let Ok(addr) = listener.local_addr() {
+            eprintln!("dogslow: metrics on http://{addr}/metrics, health on /healthz");
+        }
+        runtime.spawn(metrics::serve(listener, metrics.clone()));
+    }
 
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let result = runtime.block_on(event_loop(&mut probes, &mut watcher, &config, &tx));
+    let mut agent = Agent {
+        probes: &mut probes,
+        watcher: &mut watcher,
+        config,
+        config_path,
+        tx: &tx,
+        metrics,
+    };
+    let result = runtime.block_on(agent.event_loop());
     // Close the channel so the reporter drains and finishes, then detach.
     drop(tx);
     drop(watcher);
@@ -86,81 +110,185 @@ pub fn run(config: AgentConfig) -> Result<(), AgentError> {
     result
 }
 
-async fn event_loop(
-    probes: &mut Probes,
-    watcher: &mut Watcher,
-    config: &AgentConfig,
-    tx: &mpsc::Sender<Message>,
-) -> Result<(), AgentError> {
-    let ring = probes.take_events()?;
-    // SAFETY: the ring buffer owns its map fd, which stays open and the same
-    // for the AsyncFd's whole life (we never replace the inner value).
-    let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
-        .map_err(|err| AgentError::Io(err.into()))?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    let mut terminate = signal(SignalKind::terminate())?;
-    let tick_ns = config.scan_interval.as_nanos() as u64;
-    let min_timeout_ns = config
-        .targets
-        .iter()
-        .map(|t| t.timeout.as_nanos() as u64)
-        .min()
-        .unwrap_or(tick_ns);
-    let next_scan = time::sleep(Duration::ZERO);
-    tokio::pin!(next_scan);
-    let mut watch = time::interval(Duration::from_secs(1));
-    watch.set_missed_tick_behavior(MissedTickBehavior::Skip);
-    let stop_at = config.duration.map(|d| Instant::now() + d);
-    let mut drops = DropReporter::default();
-    let mut capture_failed = false;
+/// The event loop's state.
+struct Agent<'a> {
+    probes: &'a mut Probes,
+    watcher: &'a mut Watcher,
+    config: AgentConfig,
+    config_path: Option<PathBuf>,
+    tx: &'a mpsc::Sender<Message>,
+    metrics: Metrics,
+}
 
-    loop {
-        tokio::select! {
-            guard = ring.readable_mut() => {
-                let mut guard = guard?;
-                drain(guard.get_inner_mut(), tx);
-                guard.clear_ready();
-            }
-            () = &mut next_scan => {
-                let inflight = probes.inflight();
-                let now = Clock::boot_ns();
-                if needs_off_cpu_capture(&inflight, now) {
-                    if let Err(err) = probes.capture_off_cpu() {
-                        if !capture_failed {
-                            eprintln!("dogslow: {err}; blocked requests cannot be reported");
-                            capture_failed = true;
+impl Agent<'_> {
+    async fn event_loop(&mut self) -> Result<(), AgentError> {
+        let ring = self.probes.take_events()?;
+        // SAFETY: the ring buffer owns its map fd, which stays open and the
+        // same for the AsyncFd's whole life (we never replace the inner value).
+        let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+            .map_err(|err| AgentError::Io(err.into()))?;
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        let mut terminate = signal(SignalKind::terminate())?;
+        let mut hangup = signal(SignalKind::hangup())?;
+        let tick_ns = self.config.scan_interval.as_nanos() as u64;
+        let next_scan = time::sleep(Duration::ZERO);
+        tokio::pin!(next_scan);
+        let mut watch = time::interval(Duration::from_secs(1));
+        watch.set_missed_tick_behavior(MissedTickBehavior::Skip);
+        let stop_at = self.config.duration.map(|d| Instant::now() + d);
+        let mut drops = DropCounter::default();
+        let mut capture_failed = false;
+
+        loop {
+            tokio::select! {
+                guard = ring.readable_mut() => {
+                    let mut guard = guard?;
+                    drain(guard.get_inner_mut(), self.tx, &self.metrics);
+                    guard.clear_ready();
+                }
+                () = &mut next_scan => {
+                    let inflight = self.probes.inflight();
+                    let now = Clock::boot_ns();
+                    if needs_off_cpu_capture(&inflight, now) {
+                        if let Err(err) = self.probes.capture_off_cpu() {
+                            if !capture_failed {
+                                eprintln!("dogslow: {err}; blocked requests cannot be reported");
+                                capture_failed = true;
+                            }
                         }
                     }
+                    let min_timeout_ns = self
+                        .watcher
+                        .min_timeout()
+                        .map_or(tick_ns, |t| t.as_nanos() as u64);
+                    let wait = next_scan_in(&inflight, now, min_timeout_ns, tick_ns);
+                    next_scan.as_mut().reset(Instant::now() + Duration::from_nanos(wait));
                 }
-                let wait = next_scan_in(&inflight, now, min_timeout_ns, tick_ns);
-                next_scan.as_mut().reset(Instant::now() + Duration::from_nanos(wait));
+                _ = watch.tick() => {
+                    drops.check(&self.probes.stats(), &self.metrics);
+                    self.watcher.rescan(self.probes);
+                    self.observe();
+                    if self.watcher.finished() {
+                        eprintln!("dogslow: every watched process has exited; stopping");
+                        break;
+                    }
+                }
+                _ = hangup.recv() => {
+                    self.reload();
+                    // New targets may have shorter timeouts: look again now.
+                    next_scan.as_mut().reset(Instant::now());
+                }
+                _ = interrupt.recv() => break,
+                _ = terminate.recv() => break,
+                _ = sleep_until(stop_at) => break,
             }
-            _ = watch.tick() => {
-                drops.check(&probes.stats());
-                watcher.rescan(probes);
-                if watcher.finished() {
-                    eprintln!("dogslow: every watched process has exited; stopping");
-                    break;
+        }
+        // Captures already in the ring buffer are reports too.
+        drain(ring.get_mut(), self.tx, &self.metrics);
+        drops.check(&self.probes.stats(), &self.metrics);
+        let inflight = self.probes.inflight();
+        eprintln!(
+            "dogslow: stopping; {} request(s) in flight, {} of them reported",
+            inflight.len(),
+            inflight
+                .iter()
+                .filter(|(_, request)| request.reported != 0)
+                .count()
+        );
+        Ok(())
+    }
+
+    /// Gauges read once a second.
+    fn observe(&self) {
+        self.metrics.beat();
+        let inflight = self.probes.inflight().len();
+        self.metrics.requests_inflight.set(inflight as i64);
+        self.metrics
+            .map_fill("inflight", inflight, self.probes.inflight_capacity());
+        self.metrics.map_fill(
+            "targets",
+            self.watcher.slot_count(),
+            dogslow_common::MAX_TARGETS,
+        );
+        self.metrics
+            .watched_processes
+            .set(self.watcher.watched_processes() as i64);
+    }
+
+    /// SIGHUP: re-reads the config file. A file that does not check out
+    /// changes nothing; unchanged targets keep their probes and requests.
+    fn reload(&mut self) {
+        let Some(path) = self.config_path.clone() else {
+            eprintln!(
+                "dogslow: SIGHUP ignored: there is no config file to reload (dogslow run --config reloads)"
+            );
+            return;
+        };
+        let new = match config_file::load(&path, std::env::var(PASSWORD_ENV).ok()) {
+            Ok(new) => new,
+            Err(err) => {
+                eprintln!("dogslow: reload refused, keeping the running configuration: {err}");
+                return;
+            }
+        };
+        let restart_only = [
+            ("sample_hz", new.sample_hz != self.config.sample_hz),
+            ("max_inflight", new.max_inflight != self.config.max_inflight),
+            (
+                "user_stack_bytes",
+                new.user_stack_bytes != self.config.user_stack_bytes,
+            ),
+            ("metrics_addr", new.metrics_addr != self.config.metrics_addr),
+        ];
+        for (key, changed) in restart_only {
+            if changed {
+                eprintln!(
+                    "dogslow: reload: [agent] {key} changes only on restart; keeping the running value"
+                );
+            }
+        }
+        let outputs_changed = new.output != self.config.output
+            || new.targets.iter().any(|t| {
+                self.config
+                    .targets
+                    .iter()
+                    .find(|o| o.name == t.name)
+                    .map(|o| &o.output)
+                    != Some(&t.output)
+            });
+        if outputs_changed {
+            let mut with_new_outputs = self.config.clone();
+            with_new_outputs.output = new.output.clone();
+            with_new_outputs.targets = new.targets.clone();
+            match SinkSet::build(&with_new_outputs, &self.metrics.mail_counters()) {
+                Ok(sinks) => {
+                    let _ = self.tx.send(Message::Sinks(Box::new(sinks)));
+                }
+                Err(err) => {
+                    eprintln!("dogslow: reload refused, keeping the running configuration: {err}");
+                    return;
                 }
             }
-            _ = interrupt.recv() => break,
-            _ = terminate.recv() => break,
-            _ = sleep_until(stop_at) => break,
+        }
+        match self.watcher.reload(self.probes, new.targets.clone()) {
+            Ok(summary) => {
+                eprintln!(
+                    "dogslow: reloaded {}: {} target(s) kept, {} added, {} removed{}",
+                    path.display(),
+                    summary.kept,
+                    summary.added,
+                    summary.removed,
+                    if outputs_changed { "; new outputs" } else { "" }
+                );
+                self.config.targets = new.targets;
+                self.config.output = new.output;
+            }
+            Err(err) => {
+                self.metrics.attach_errors.inc();
+                eprintln!("dogslow: reload refused, keeping the running targets: {err}");
+            }
         }
     }
-    // Captures already in the ring buffer are reports too.
-    drain(ring.get_mut(), tx);
-    drops.check(&probes.stats());
-    let inflight = probes.inflight();
-    eprintln!(
-        "dogslow: stopping; {} request(s) in flight, {} of them reported",
-        inflight.len(),
-        inflight
-            .iter()
-            .filter(|(_, request)| request.reported != 0)
-            .count()
-    );
-    Ok(())
 }
 
 async fn sleep_until(at: Option<Instant>) {
@@ -170,43 +298,65 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-fn drain(ring: &mut aya::maps::RingBuf<aya::maps::MapData>, tx: &mpsc::Sender<Message>) {
+fn drain(
+    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
+    tx: &mpsc::Sender<Message>,
+    metrics: &Metrics,
+) {
     while let Some(record) = ring.next() {
         match events::decode(&record) {
             Ok(event) => {
                 let _ = tx.send(Message::Event(event));
             }
-            Err(err) => eprintln!("dogslow: dropping an undecodable record: {err}"),
+            Err(err) => {
+                metrics.drop_by("undecodable", 1);
+                eprintln!("dogslow: dropping an undecodable record: {err}");
+            }
         }
     }
 }
 
-/// Says on stderr when the kernel side had to drop something.
+/// Says on stderr, and in the metrics, when the kernel side had to drop
+/// something; also carries the kernel's request count into the metrics.
 #[derive(Default)]
-struct DropReporter {
+struct DropCounter {
     seen: [u64; stat::COUNT as usize],
 }
 
-impl DropReporter {
-    fn check(&mut self, stats: &[u64; stat::COUNT as usize]) {
+impl DropCounter {
+    fn check(&mut self, stats: &[u64; stat::COUNT as usize], metrics: &Metrics) {
+        let started = stat::REQUESTS_STARTED as usize;
+        metrics
+            .requests_started
+            .inc_by(stats[started].saturating_sub(self.seen[started]));
+        self.seen[started] = stats[started];
         let explain = [
             (
                 stat::INFLIGHT_FULL,
+                "inflight_full",
                 "requests were not tracked because the in-flight map was full (raise --max-inflight)",
             ),
             (
                 stat::RINGBUF_FULL,
+                "ringbuf_full",
                 "stall captures waited for room in the ring buffer (they are retried)",
             ),
             (
                 stat::COMPLETION_DROPPED,
+                "completion_dropped",
                 "completion records were dropped: the ring buffer was full",
             ),
         ];
-        for (index, text) in explain {
+        for (index, reason, text) in explain {
             let index = index as usize;
             if stats[index] > self.seen[index] {
-                eprintln!("dogslow: {} {text}", stats[index] - self.seen[index]);
+                let new = stats[index] - self.seen[index];
+                eprintln!("dogslow: {new} {text}");
+                if index == stat::RINGBUF_FULL as usize {
+                    metrics.capture_retries.inc_by(new);
+                } else {
+                    metrics.drop_by(reason, new);
+                }
                 self.seen[index] = stats[index];
             }
         }

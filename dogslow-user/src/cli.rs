@@ -1,5 +1,5 @@
 //! The command line. Everything here turns into a plain `AgentConfig`.
-use std::{path::PathBuf, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 use thiserror::Error;
@@ -9,6 +9,8 @@ use crate::{
         AgentConfig, DEFAULT_MAX_INFLIGHT, DEFAULT_SAMPLE_HZ, OutputError, OutputSettings,
         ReportFormat, TargetSpec, parse_positive_duration, parse_timeout,
     },
+    config_file::{self, ConfigFileError},
+    metrics,
     probe_list::{ListConfig, ProbeSource},
     probe_spec::ProbeSpec,
     request_args::{CaptureRequest, DEFAULT_CAPTURE_LEN},
@@ -35,6 +37,8 @@ pub struct Cli {
 pub enum Command {
     /// Watch processes for requests that run past a deadline.
     Attach(AttachArgs),
+    /// Watch the targets of a config file (TOML; SIGHUP reloads it).
+    Run(RunArgs),
     /// List the USDT probes a binary or process offers and, with --filter,
     /// its functions: what --entry and --exit can name.
     Probes(ProbesArgs),
@@ -134,8 +138,45 @@ pub struct AttachArgs {
           value_parser = clap::value_parser!(u32).range(4096..=dogslow_common::MAX_USER_STACK_COPY as i64))]
     pub user_stack_bytes: u32,
 
+    /// Serve Prometheus metrics on /metrics and a health check on /healthz:
+    /// PORT (loopback only), HOST:PORT or [IPV6]:PORT. Off by default.
+    #[arg(long, value_name = "ADDR", value_parser = parse_metrics_addr)]
+    pub metrics_addr: Option<SocketAddr>,
+
     #[command(flatten)]
     pub output: OutputArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The TOML file with the agent settings, outputs and targets (keys are
+    /// the attach flags with `_` for `-`; see the README).
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+
+    /// Serve metrics here instead of the file's `metrics_addr`.
+    #[arg(long, value_name = "ADDR", value_parser = parse_metrics_addr)]
+    pub metrics_addr: Option<SocketAddr>,
+
+    /// Stop after this long (SIGINT and SIGTERM also stop cleanly).
+    #[arg(long, value_name = "DURATION", value_parser = parse_positive_duration)]
+    pub duration: Option<Duration>,
+}
+
+impl RunArgs {
+    /// The file's configuration with the command line's overrides.
+    pub fn into_config(self) -> Result<(AgentConfig, PathBuf), CliError> {
+        let mut config = config_file::load(&self.config, std::env::var(PASSWORD_ENV).ok())?;
+        if self.metrics_addr.is_some() {
+            config.metrics_addr = self.metrics_addr;
+        }
+        config.duration = self.duration;
+        Ok((config, self.config))
+    }
+}
+
+fn parse_metrics_addr(text: &str) -> Result<SocketAddr, String> {
+    metrics::parse_addr(text).map_err(|err| err.to_string())
 }
 
 #[derive(Debug, Error)]
@@ -144,6 +185,8 @@ pub enum CliError {
     NoTarget,
     #[error(transparent)]
     Output(#[from] OutputError),
+    #[error(transparent)]
+    ConfigFile(#[from] ConfigFileError),
 }
 
 fn parse_capture(text: &str) -> Result<CaptureRequest, String> {
@@ -171,12 +214,14 @@ impl AttachArgs {
                 timeout: self.timeout,
                 captures: self.captures,
                 capture_len: self.capture_len,
+                output: None,
             }],
             sample_hz: self.sample_hz,
             duration: self.duration,
             max_inflight: self.max_inflight,
             user_stack_bytes: self.user_stack_bytes,
             scan_interval: Duration::from_millis(10),
+            metrics_addr: self.metrics_addr,
             output: self
                 .output
                 .into_settings()

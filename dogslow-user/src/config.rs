@@ -34,6 +34,8 @@ pub struct TargetSpec {
     pub captures: Vec<CaptureRequest>,
     /// Bytes kept of each string capture.
     pub capture_len: u32,
+    /// This target's own files and mail, instead of the agent's.
+    pub output: Option<OutputConfig>,
 }
 
 /// Everything `dogslow attach` needs.
@@ -49,6 +51,8 @@ pub struct AgentConfig {
     pub scan_interval: Duration,
     /// Where reports go besides stdout, and stdout's format.
     pub output: OutputConfig,
+    /// Serve Prometheus metrics and /healthz here.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// The form of the reports on stdout.

@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod cli;
 pub mod config;
+pub mod config_file;
 pub mod elf;
 pub mod events;
 pub mod kernel_btf;

@@ -130,6 +130,7 @@ pub struct LoadOptions {
 pub struct Probes {
     ebpf: Ebpf,
     btf: Btf,
+    max_inflight: u32,
 }
 
 const TRACEPOINTS: [(&str, &str); 3] = [
@@ -155,6 +156,7 @@ impl Probes {
         let mut ebpf = EbpfLoader::new()
             .btf(Some(&btf))
             .map_max_entries("INFLIGHT", options.max_inflight)
+            .map_max_entries("REQUEST_ARGS", options.max_inflight)
             .override_global("OFFSETS", &offsets, true)
             .override_global("SETTINGS", &settings, true)
             .load(OBJECT)
@@ -210,7 +212,11 @@ impl Probes {
                 program: "capture_off_cpu",
                 source,
             })?;
-        Ok(Self { ebpf, btf })
+        Ok(Self {
+            ebpf,
+            btf,
+            max_inflight: options.max_inflight,
+        })
     }
 
     /// Writes target `index`'s timeout and flags.
@@ -359,6 +365,32 @@ impl Probes {
             map: "EVENTS",
             source,
         })
+    }
+
+    /// Forgets the in-flight requests that came through `slots` (their
+    /// target was removed, so their ends are no longer probed).
+    pub fn forget_requests(&mut self, slots: &[u32]) {
+        let stale: Vec<u32> = self
+            .inflight()
+            .into_iter()
+            .filter(|(_, request)| slots.contains(&request.target))
+            .map(|(tid, _)| tid)
+            .collect();
+        for map in ["INFLIGHT", "REQUEST_ARGS"] {
+            let Some(map) = self.ebpf.map_mut(map) else {
+                continue;
+            };
+            if let Ok(mut requests) = HashMap::<&mut MapData, u32, Inflight>::try_from(map) {
+                for tid in &stale {
+                    let _ = requests.remove(tid);
+                }
+            }
+        }
+    }
+
+    /// Number of entries `INFLIGHT` can hold.
+    pub fn inflight_capacity(&self) -> u32 {
+        self.max_inflight
     }
 
     /// A snapshot of every in-flight request: (tid, entry).

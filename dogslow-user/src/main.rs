@@ -13,7 +13,11 @@ fn main() -> ExitCode {
         Command::Attach(args) => args
             .into_config()
             .map_err(anyhow::Error::from)
-            .and_then(|config| agent::run(config).map_err(anyhow::Error::from)),
+            .and_then(|config| agent::run(config, None).map_err(anyhow::Error::from)),
+        Command::Run(args) => args
+            .into_config()
+            .map_err(anyhow::Error::from)
+            .and_then(|(config, path)| agent::run(config, Some(path)).map_err(anyhow::Error::from)),
         Command::Probes(args) => probe_list::run(&args.into_config(), &mut io::stdout().lock())
             .map_err(anyhow::Error::from),
     };

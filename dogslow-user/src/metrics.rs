@@ -233,6 +233,24 @@ impl Metrics {
     }
 }
 
+/// The mail sink's counters (its own thread updates them).
+#[derive(Clone, Debug, Default)]
+pub struct MailCounters {
+    pub sent: Counter,
+    pub failed: Counter,
+    pub suppressed: Counter,
+}
+
+impl Metrics {
+    pub fn mail_counters(&self) -> MailCounters {
+        MailCounters {
+            sent: self.mails_sent.clone(),
+            failed: self.mails_failed.clone(),
+            suppressed: self.mails_suppressed.clone(),
+        }
+    }
+}
+
 /// /healthz fails when the event loop has not turned for this long.
 const HEALTHY_WITHIN: Duration = Duration::from_secs(10);
 

@@ -161,6 +161,8 @@ pub struct CompletionReport {
     pub host: String,
     pub pid: u32,
     pub tid: u32,
+    /// The target the request belongs to (as in its stall report).
+    pub target: String,
     pub duration_ms: u64,
     pub outcome: &'static str,
     pub signal: Option<u32>,
@@ -354,6 +356,7 @@ mod tests {
             host: "h".into(),
             pid: 1,
             tid: 2,
+            target: "handle_request".into(),
             duration_ms: 2000,
             outcome: "killed",
             signal: Some(9),

@@ -10,13 +10,14 @@ use std::{
 
 use crate::{
     events::{Completion, Event, StallCapture, ThreadState},
+    metrics::Metrics,
     procfs::{self, ProcessInfo},
     report::{
         Clock, CompletionReport, FrameJson, Report, StallReport, Syscall, fingerprint, ns_to_ms,
         rfc3339,
     },
     request_args::{self, CaptureRequest},
-    sinks::Sink,
+    sinks::SinkSet,
     symbolize::Symbolizer,
     tracker::Tracker,
     unwind::StackUnwinder,
@@ -44,6 +45,8 @@ pub enum Message {
     /// A watched process exited: release its caches once late records
     /// about it have had time to arrive.
     ProcessGone(u32),
+    /// New report destinations (the config file was reloaded).
+    Sinks(Box<SinkSet>),
 }
 
 /// How long a dead process's caches are kept for records still in flight.
@@ -58,7 +61,8 @@ pub struct Reporter {
     processes: HashMap<u32, ProcessInfo>,
     /// Exited processes whose caches go at the given time.
     gone: VecDeque<(Instant, u32)>,
-    sinks: Vec<Box<dyn Sink>>,
+    sinks: SinkSet,
+    metrics: Metrics,
 }
 
 /// Process descriptions kept for processes that may exit before their
@@ -66,7 +70,7 @@ pub struct Reporter {
 const PROCESS_CACHE_LIMIT: usize = 4096;
 
 impl Reporter {
-    pub fn new(sinks: Vec<Box<dyn Sink>>) -> Self {
+    pub fn new(sinks: SinkSet, metrics: Metrics) -> Self {
         Self {
             targets: HashMap::new(),
             host: procfs::host_name(),
@@ -76,6 +80,7 @@ impl Reporter {
             processes: HashMap::new(),
             gone: VecDeque::new(),
             sinks,
+            metrics,
         }
     }
 
@@ -83,19 +88,18 @@ impl Reporter {
     /// it is built there); runs until the channel closes, then finishes the
     /// sinks.
     pub fn spawn(
-        sinks: Vec<Box<dyn Sink>>,
+        sinks: SinkSet,
+        metrics: Metrics,
         messages: mpsc::Receiver<Message>,
     ) -> thread::JoinHandle<()> {
         thread::Builder::new()
             .name("dogslow-report".into())
             .spawn(move || {
-                let mut reporter = Self::new(sinks);
+                let mut reporter = Self::new(sinks, metrics);
                 for message in messages {
                     reporter.handle(message);
                 }
-                for sink in &mut reporter.sinks {
-                    sink.finish();
-                }
+                reporter.sinks.finish();
             })
             .unwrap_or_else(|err| {
                 eprintln!("dogslow: cannot start the reporting thread: {err}");
@@ -114,13 +118,21 @@ impl Reporter {
                 self.symbolizer.cache_process(pid);
             }
             Message::ProcessGone(pid) => self.gone.push_back((Instant::now() + FORGET_AFTER, pid)),
+            Message::Sinks(sinks) => {
+                // A reload changed the destinations: the old ones finish
+                // (pending mail included) before the new ones take over.
+                let mut old = std::mem::replace(&mut self.sinks, *sinks);
+                old.finish();
+            }
             Message::Event(Event::Stall(capture)) => {
                 if let Some(report) = self.stall(&capture) {
+                    self.metrics.stall(&report.target, report.state);
                     self.emit(&Report::Stall(Box::new(report)));
                 }
             }
             Message::Event(Event::Completion(completion)) => {
                 if let Some(report) = self.completion(&completion) {
+                    self.metrics.completion(report.outcome);
                     self.emit(&Report::Completed(report));
                 }
             }
@@ -145,9 +157,7 @@ impl Reporter {
     }
 
     fn emit(&mut self, report: &Report) {
-        for sink in &mut self.sinks {
-            sink.emit(report);
-        }
+        self.sinks.emit(report);
     }
 
     /// The process's description: fresh from /proc while it lives, the
@@ -242,6 +252,10 @@ impl Reporter {
             host: self.host.clone(),
             pid: reported.pid,
             tid: completion.tid,
+            target: self
+                .targets
+                .get(&reported.target)
+                .map_or_else(String::new, |t| t.name.clone()),
             duration_ms: ns_to_ms(completion.end_ns.saturating_sub(completion.start_ns)),
             outcome: completion.outcome.as_str(),
             signal: completion.signal,

@@ -16,6 +16,8 @@ pub type RequestKey = (u32, u64);
 pub struct Reported {
     pub id: String,
     pub pid: u32,
+    /// The kernel target slot the request came through.
+    pub target: u32,
 }
 
 /// Reported requests that have not ended yet, bounded (oldest forgotten
@@ -56,6 +58,7 @@ impl Tracker {
             Reported {
                 id: id.clone(),
                 pid: capture.pid,
+                target: capture.target,
             },
         );
         Some(id)

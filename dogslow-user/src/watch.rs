@@ -56,7 +56,9 @@ fn probe_roles(target: &TargetSpec) -> Vec<(ProbeRole, &ProbeSpec)> {
 }
 
 pub struct Watcher {
-    targets: Vec<TargetSpec>,
+    /// Indexed by target number; `None` for a target a reload removed (the
+    /// numbers of the others stay, so their slots and links stay valid).
+    targets: Vec<Option<TargetSpec>>,
     /// Binary-wide attachments: (target, file) -> links.
     file_links: HashMap<(u32, FileId), Vec<UprobeLink>>,
     /// Per-process attachments: (target, pid) -> links.
@@ -75,7 +77,7 @@ pub struct Watcher {
 impl Watcher {
     pub fn new(targets: Vec<TargetSpec>, messages: mpsc::Sender<Message>) -> Self {
         Self {
-            targets,
+            targets: targets.into_iter().map(Some).collect(),
             file_links: HashMap::new(),
             process_links: HashMap::new(),
             seen: HashMap::new(),
@@ -98,7 +100,11 @@ impl Watcher {
             return Ok(slot as u32);
         }
         let slot = self.slots.len() as u32;
-        let target = &self.targets[index as usize];
+        let Some(target) = self.target(index) else {
+            return Err(AgentError::Unsupported(format!(
+                "target {index} was removed"
+            )));
+        };
         probes.set_target(
             slot,
             TargetConfig {
@@ -136,7 +142,9 @@ impl Watcher {
         pid: Option<u32>,
         links: &mut Vec<UprobeLink>,
     ) -> Result<(), AgentError> {
-        let target = self.targets[index as usize].clone();
+        let Some(target) = self.target(index).cloned() else {
+            return Ok(());
+        };
         for point in points {
             let cookie = if role == ProbeRole::Entry {
                 let specs = targets::capture_specs(point, &target.captures, target.capture_len)
@@ -157,102 +165,147 @@ impl Watcher {
     /// input fails fast: every `--pid` process and every `--binary` that
     /// exists on this host must resolve every probe.
     pub fn validate(&self) -> Result<(), AgentError> {
-        for target in &self.targets {
-            let error = |source: TargetError| AgentError::Target {
-                target: target.name.clone(),
-                source,
-            };
-            if matches!(target.entry.location, ProbeLocation::Usdt { .. }) && target.exit.is_none()
-            {
-                return Err(AgentError::Unsupported(format!(
-                    "target `{}`: a USDT entry probe needs --exit (a probe site is not a function: \
-                     there is no return to wait for), e.g. --exit usdt:PROVIDER:DONE_PROBE",
-                    target.name
-                )));
-            }
-            if let (None, ProbeLocation::Symbol { offset, .. }) =
-                (&target.exit, &target.entry.location)
-            {
-                if *offset != 0 {
-                    // A uretprobe anywhere but a function's first instruction
-                    // would overwrite something other than the return address.
-                    return Err(AgentError::Unsupported(format!(
-                        "target `{}`: without --exit a request ends when the entry function returns, \
-                         which needs the probe on the function's first instruction; drop the +{offset} \
-                         or give --exit",
-                        target.name
-                    )));
-                }
-            }
-            request_args::check_all(&target.captures).map_err(|e| error(e.into()))?;
-            let check =
-                |object: &Path, role: ProbeRole, spec: &ProbeSpec| -> Result<(), AgentError> {
-                    for point in targets::resolve(object, spec).map_err(error)? {
-                        if role == ProbeRole::Entry {
-                            targets::capture_specs(&point, &target.captures, target.capture_len)
-                                .map_err(error)?;
-                        }
-                    }
-                    Ok(())
-                };
-            for &pid in &target.pids {
-                for (role, spec) in probe_roles(target) {
-                    let object = targets::object_for_pid(pid, spec).map_err(error)?;
-                    check(&object, role, spec)?;
-                }
-            }
-            for binary in &target.binaries {
-                if binary.exists() {
-                    ElfImage::open(binary).map_err(|e| error(e.into()))?;
-                    for (role, spec) in probe_roles(target)
-                        .into_iter()
-                        .filter(|(_, s)| s.library.is_none())
-                    {
-                        check(binary, role, spec)?;
-                    }
-                } else if !binary.is_absolute() {
-                    return Err(AgentError::Unsupported(format!(
-                        "--binary {}: give an absolute path (as seen on the host or inside the container)",
-                        binary.display()
-                    )));
-                }
-            }
-        }
-        Ok(())
+        validate(self.targets.iter().flatten())
+    }
+
+    fn target(&self, index: u32) -> Option<&TargetSpec> {
+        self.targets.get(index as usize)?.as_ref()
+    }
+
+    /// The live targets with their numbers.
+    fn live(&self) -> Vec<(u32, TargetSpec)> {
+        self.targets
+            .iter()
+            .enumerate()
+            .filter_map(|(index, target)| Some((index as u32, target.clone()?)))
+            .collect()
     }
 
     /// Attaches to everything there is now: the `--pid` processes (failing
     /// if one is gone), the `--binary` files on this host, and the running
     /// processes of every `--binary`.
     pub fn attach_initial(&mut self, probes: &mut Probes) -> Result<(), AgentError> {
-        for index in 0..self.targets.len() {
-            let target = self.targets[index].clone();
-            for &pid in &target.pids {
-                self.attach_process(probes, index as u32, &target, pid, true)?;
-            }
-            for binary in &target.binaries {
-                if let Some(file) = FileId::of(binary) {
-                    self.attach_file(probes, index as u32, &target, binary, file)?;
-                } else {
-                    eprintln!(
-                        "dogslow: {} is not on this host; watching for processes that run it in their own mount namespace",
-                        binary.display()
-                    );
-                }
-            }
+        for (index, target) in self.live() {
+            self.attach_target(probes, index, &target)?;
         }
         self.rescan(probes);
         Ok(())
     }
 
+    /// Attaches one target's `--pid` processes and host `--binary` files;
+    /// its processes in other namespaces come with the next rescan.
+    fn attach_target(
+        &mut self,
+        probes: &mut Probes,
+        index: u32,
+        target: &TargetSpec,
+    ) -> Result<(), AgentError> {
+        for &pid in &target.pids {
+            self.attach_process(probes, index, target, pid, true)?;
+        }
+        for binary in &target.binaries {
+            if let Some(file) = FileId::of(binary) {
+                self.attach_file(probes, index, target, binary, file)?;
+            } else {
+                eprintln!(
+                    "dogslow: {} is not on this host; watching for processes that run it in their own mount namespace",
+                    binary.display()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies a reloaded configuration: targets whose settings did not
+    /// change keep their probes and their requests in flight; removed or
+    /// changed ones are detached (their requests forgotten) and new ones
+    /// attached. Nothing changes if the new targets do not check out.
+    pub fn reload(
+        &mut self,
+        probes: &mut Probes,
+        targets: Vec<TargetSpec>,
+    ) -> Result<ReloadSummary, AgentError> {
+        validate(&targets)?;
+        let mut summary = ReloadSummary::default();
+        for (index, old) in self.live() {
+            if let Some(new) = targets.iter().find(|new| same_probes(new, &old)) {
+                // Its outputs may have changed: the reporter routes by name.
+                self.targets[index as usize] = Some(new.clone());
+                summary.kept += 1;
+                continue;
+            }
+            self.detach_target(probes, index);
+            summary.removed += 1;
+        }
+        for target in targets {
+            if self
+                .targets
+                .iter()
+                .flatten()
+                .any(|live| same_probes(live, &target))
+            {
+                continue;
+            }
+            let index = self.targets.len() as u32;
+            self.targets.push(Some(target.clone()));
+            if let Err(err) = self.attach_target(probes, index, &target) {
+                eprintln!("dogslow: reload: target `{}`: {err}", target.name);
+            }
+            summary.added += 1;
+        }
+        // Processes already seen may run a new target's binary.
+        self.seen.clear();
+        self.rescan(probes);
+        Ok(summary)
+    }
+
+    /// Detaches every probe of target `index` and forgets its requests.
+    fn detach_target(&mut self, probes: &mut Probes, index: u32) {
+        let files: Vec<_> = self
+            .file_links
+            .keys()
+            .filter(|(t, _)| *t == index)
+            .copied()
+            .collect();
+        for key in files {
+            for link in self.file_links.remove(&key).unwrap_or_default() {
+                probes.detach_uprobe(link);
+            }
+        }
+        let processes: Vec<_> = self
+            .process_links
+            .keys()
+            .filter(|(t, _)| *t == index)
+            .copied()
+            .collect();
+        for key in processes {
+            for link in self.process_links.remove(&key).unwrap_or_default() {
+                probes.detach_uprobe(link);
+            }
+        }
+        let slots: Vec<u32> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, (target, _))| *target == index)
+            .map(|(slot, _)| slot as u32)
+            .collect();
+        // Their exits are no longer probed: without this they would look
+        // stalled forever.
+        probes.forget_requests(&slots);
+        if let Some(target) = self.targets.get_mut(index as usize) {
+            *target = None;
+        }
+    }
+
     /// True when every process named with `--pid` has exited and nothing
     /// else is watched: there is nothing left to report on.
     pub fn finished(&self) -> bool {
-        let watches_binaries = self.targets.iter().any(|t| !t.binaries.is_empty());
-        let pids: Vec<u32> = self
-            .targets
+        let live = self.live();
+        let watches_binaries = live.iter().any(|(_, t)| !t.binaries.is_empty());
+        let pids: Vec<u32> = live
             .iter()
-            .flat_map(|t| t.pids.iter().copied())
+            .flat_map(|(_, t)| t.pids.iter().copied())
             .collect();
         !watches_binaries
             && !pids.is_empty()
@@ -277,7 +330,7 @@ impl Watcher {
                 let _ = self.messages.send(Message::ProcessGone(key.1));
             }
         }
-        if self.targets.iter().all(|t| t.binaries.is_empty()) {
+        if self.live().iter().all(|(_, t)| t.binaries.is_empty()) {
             return;
         }
         let live = live_pids();
@@ -307,8 +360,8 @@ impl Watcher {
 
     /// Attaches `pid` to every `--binary` target it runs or maps.
     fn examine(&mut self, probes: &mut Probes, pid: u32) {
-        for index in 0..self.targets.len() {
-            let target = self.targets[index].clone();
+        for (index, target) in self.live() {
+            let index = index as usize;
             for binary in &target.binaries {
                 let Some(file) = process_uses(pid, binary) else {
                     continue;
@@ -409,12 +462,105 @@ impl Watcher {
         Ok(())
     }
 
+    /// How many kernel target slots are configured.
+    pub fn slot_count(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// The shortest timeout of the live targets.
+    pub fn min_timeout(&self) -> Option<std::time::Duration> {
+        self.live().iter().map(|(_, t)| t.timeout).min()
+    }
+
     /// Every process currently watched, explicitly or through a binary.
     pub fn watched_processes(&self) -> usize {
         let mut pids: HashSet<u32> = self.process_links.keys().map(|(_, pid)| *pid).collect();
         pids.extend(self.matched.iter().copied());
         pids.len()
     }
+}
+
+/// Checks `targets` without attaching anything (at start, and for a reload
+/// before anything changes).
+fn validate<'a>(targets: impl IntoIterator<Item = &'a TargetSpec>) -> Result<(), AgentError> {
+    for target in targets {
+        let error = |source: TargetError| AgentError::Target {
+            target: target.name.clone(),
+            source,
+        };
+        if matches!(target.entry.location, ProbeLocation::Usdt { .. }) && target.exit.is_none() {
+            return Err(AgentError::Unsupported(format!(
+                "target `{}`: a USDT entry probe needs --exit (a probe site is not a function: \
+                 there is no return to wait for), e.g. --exit usdt:PROVIDER:DONE_PROBE",
+                target.name
+            )));
+        }
+        if let (None, ProbeLocation::Symbol { offset, .. }) = (&target.exit, &target.entry.location)
+        {
+            if *offset != 0 {
+                // A uretprobe anywhere but a function's first instruction
+                // would overwrite something other than the return address.
+                return Err(AgentError::Unsupported(format!(
+                    "target `{}`: without --exit a request ends when the entry function returns, \
+                     which needs the probe on the function's first instruction; drop the +{offset} \
+                     or give --exit",
+                    target.name
+                )));
+            }
+        }
+        request_args::check_all(&target.captures).map_err(|e| error(e.into()))?;
+        let check = |object: &Path, role: ProbeRole, spec: &ProbeSpec| -> Result<(), AgentError> {
+            for point in targets::resolve(object, spec).map_err(error)? {
+                if role == ProbeRole::Entry {
+                    targets::capture_specs(&point, &target.captures, target.capture_len)
+                        .map_err(error)?;
+                }
+            }
+            Ok(())
+        };
+        for &pid in &target.pids {
+            for (role, spec) in probe_roles(target) {
+                let object = targets::object_for_pid(pid, spec).map_err(error)?;
+                check(&object, role, spec)?;
+            }
+        }
+        for binary in &target.binaries {
+            if binary.exists() {
+                ElfImage::open(binary).map_err(|e| error(e.into()))?;
+                for (role, spec) in probe_roles(target)
+                    .into_iter()
+                    .filter(|(_, s)| s.library.is_none())
+                {
+                    check(binary, role, spec)?;
+                }
+            } else if !binary.is_absolute() {
+                return Err(AgentError::Unsupported(format!(
+                    "--binary {}: give an absolute path (as seen on the host or inside the container)",
+                    binary.display()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether two targets probe the same way (their outputs aside).
+fn same_probes(a: &TargetSpec, b: &TargetSpec) -> bool {
+    TargetSpec {
+        output: None,
+        ..a.clone()
+    } == TargetSpec {
+        output: None,
+        ..b.clone()
+    }
+}
+
+/// What a reload did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReloadSummary {
+    pub kept: usize,
+    pub added: usize,
+    pub removed: usize,
 }
 
 fn live_pids() -> Vec<u32> {

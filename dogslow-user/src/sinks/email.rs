@@ -9,6 +9,7 @@
 //! sends them one at a time, retrying with exponential backoff while the
 //! server is unreachable. Every failure, drop and recovery is said on
 //! stderr; the JSON stream and the output files never depend on any of it.
+use crate::metrics::MailCounters;
 use std::{
     fmt::Write as _,
     sync::Arc,
@@ -111,6 +112,11 @@ pub struct EmailSink {
 impl EmailSink {
     /// Checks the configuration (TLS set-up, CA file) and starts the mail thread.
     pub fn start(config: EmailConfig) -> Result<Self, EmailError> {
+        Self::start_counted(config, MailCounters::default())
+    }
+
+    /// As `start`, counting sent, failed and suppressed mails in `counters`.
+    pub fn start_counted(config: EmailConfig, counters: MailCounters) -> Result<Self, EmailError> {
         let transport = config.server.transport()?;
         if config.server.is_cleartext_remote() {
             eprintln!(
@@ -144,7 +150,7 @@ impl EmailSink {
                         return;
                     }
                 };
-                runtime.block_on(mail_loop(config, transport, rx));
+                runtime.block_on(mail_loop(config, transport, rx, counters));
             })
             .map_err(EmailError::Thread)?;
         Ok(Self {
@@ -211,12 +217,16 @@ struct Gate {
     outbox: mpsc::Sender<Outgoing>,
     /// Mails not queued because the outbox was full, since the last notice.
     dropped: u64,
+    counters: MailCounters,
 }
 
 impl Gate {
     fn offer(&mut self, report: Arc<StallReport>) {
-        if let Some(due) = self.storm.offer(report, Instant::now()) {
-            self.queue(due);
+        match self.storm.offer(report, Instant::now()) {
+            Some(due) => self.queue(due),
+            None => {
+                self.counters.suppressed.inc();
+            }
         }
         if let Some(cap) = self.storm.take_cap_notice() {
             eprintln!(
@@ -276,6 +286,7 @@ async fn mail_loop(
     config: EmailConfig,
     transport: Transport,
     mut reports: mpsc::Receiver<Arc<StallReport>>,
+    counters: MailCounters,
 ) {
     let (outbox, outbox_rx) = mpsc::channel(MAIL_QUEUE);
     let (deadline_tx, deadline_rx) = watch::channel(None);
@@ -285,6 +296,7 @@ async fn mail_loop(
         config.retry,
         outbox_rx,
         deadline_rx,
+        counters.clone(),
     ));
     let flush_timeout = config.retry.flush_timeout;
     let mut gate = Gate {
@@ -292,6 +304,7 @@ async fn mail_loop(
         config,
         outbox,
         dropped: 0,
+        counters,
     };
     loop {
         let wake = gate.storm.next_wakeup();
@@ -347,6 +360,7 @@ async fn deliver(
     retry: RetryPolicy,
     mut mails: mpsc::Receiver<Outgoing>,
     mut deadline: watch::Receiver<Option<Instant>>,
+    counters: MailCounters,
 ) {
     // Wrong host, TLS or credentials show now rather than at the first stall.
     match tokio::time::timeout(ATTEMPT_TIMEOUT, transport.test_connection()).await {
@@ -385,6 +399,7 @@ async fn deliver(
             };
             match attempt {
                 Attempt::Sent => {
+                    counters.sent.inc();
                     if failures > 0 {
                         eprintln!(
                             "dogslow: email: {server} takes mail again; sent \"{}\" after {failures} failed attempt(s)",
@@ -395,6 +410,7 @@ async fn deliver(
                     break;
                 }
                 Attempt::Refused(err) => {
+                    counters.failed.inc();
                     eprintln!(
                         "dogslow: email: {server} refused \"{}\": {err}; not retrying (the report is on stdout)",
                         mail.subject
@@ -414,6 +430,7 @@ async fn deliver(
                     let too_old = mail.composed.elapsed() + delay > retry.give_up_after;
                     let too_late = deadline.borrow().is_some_and(|at| retry_at > at);
                     if too_old || too_late {
+                        counters.failed.inc();
                         eprintln!(
                             "dogslow: email: giving up on \"{}\": {err}{}",
                             mail.subject,

@@ -351,6 +351,7 @@ mod tests {
             host: "web-1".into(),
             pid: report.pid,
             tid: report.tid,
+            target: "handle_request".into(),
             duration_ms: 1967,
             outcome: "returned",
             signal: None,

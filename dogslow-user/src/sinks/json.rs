@@ -48,6 +48,7 @@ mod tests {
             host: "h".into(),
             pid: 1,
             tid: 1,
+            target: "handle_request".into(),
             duration_ms: 5,
             outcome: "returned",
             signal: None,

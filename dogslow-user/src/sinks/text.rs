@@ -442,6 +442,7 @@ mod tests {
             host: "h".into(),
             pid: 1,
             tid: 2,
+            target: "handle_request".into(),
             duration_ms: 2000,
             outcome: "killed",
             signal: Some(9),
