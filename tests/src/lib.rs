@@ -98,7 +98,22 @@ impl Target {
             .spawn()
             .unwrap_or_else(|err| panic!("cannot start {command:?}: {err}"));
         let stdout = Lines::collect(child.stdout.take().unwrap());
-        Self { child, stdout }
+        let target = Self { child, stdout };
+        target.wait_until_loaded();
+        target
+    }
+
+    /// Waits until the dynamic linker has mapped libc: until then the
+    /// process's libraries (and, just after spawn, even its executable) are
+    /// not all in its maps yet. Gives up quietly for static programs.
+    fn wait_until_loaded(&self) {
+        let maps = format!("/proc/{}/maps", self.child.id());
+        for _ in 0..200 {
+            if std::fs::read_to_string(&maps).is_ok_and(|text| text.contains("libc.so")) {
+                return;
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
     }
 
     pub fn pid(&self) -> u32 {
