@@ -52,6 +52,12 @@ pub enum PrivilegeError {
     Unreadable(String),
 }
 
+/// The names of the capabilities dogslow requires (`CAP_SYS_ADMIN`, ...),
+/// for the deployment manifests' test to hold them to the same set.
+pub fn required_capabilities() -> impl Iterator<Item = &'static str> {
+    REQUIRED.iter().map(|(_, name, _)| *name)
+}
+
 /// Fails with the missing capabilities, and why each is needed, if any.
 pub fn check() -> Result<(), PrivilegeError> {
     let status = fs::read_to_string("/proc/self/status")
