@@ -19,7 +19,7 @@ use crate::{
     procfs::ProcError,
     report::Clock,
     reporter::{Message, Reporter},
-    sinks::{JsonLines, Sink},
+    sinks::{self, SinkError},
     targets::TargetError,
     tracker::{needs_off_cpu_capture, next_scan_in},
     watch::Watcher,
@@ -43,6 +43,8 @@ pub enum AgentError {
     Unsupported(String),
     #[error("event loop: {0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Sinks(#[from] SinkError),
 }
 
 /// Runs `config` until its duration ends, SIGINT/SIGTERM, or every watched
@@ -57,7 +59,7 @@ pub fn run(config: AgentConfig) -> Result<(), AgentError> {
         user_stack_bytes: config.user_stack_bytes,
         sample_hz: config.sample_hz,
     })?;
-    let sinks: Vec<Box<dyn Sink>> = vec![Box::new(JsonLines::new(std::io::stdout()))];
+    let sinks = sinks::build(&config.output)?;
     let reporter = Reporter::spawn(sinks, rx);
 
     watcher.attach_initial(&mut probes)?;

@@ -1,14 +1,18 @@
 //! The command line. Everything here turns into a plain `AgentConfig`.
 use std::{path::PathBuf, time::Duration};
 
-use clap::{ArgGroup, Args, Parser, Subcommand};
+use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 use thiserror::Error;
 
 use crate::{
-    config::{AgentConfig, DEFAULT_MAX_INFLIGHT, DEFAULT_SAMPLE_HZ, TargetSpec},
+    config::{
+        AgentConfig, DEFAULT_MAX_INFLIGHT, DEFAULT_SAMPLE_HZ, OutputError, OutputSettings,
+        ReportFormat, TargetSpec, parse_positive_duration, parse_timeout,
+    },
     probe_list::{ListConfig, ProbeSource},
     probe_spec::ProbeSpec,
     request_args::{CaptureRequest, DEFAULT_CAPTURE_LEN},
+    sinks::smtp::PASSWORD_ENV,
 };
 
 #[derive(Debug, Parser)]
@@ -129,12 +133,17 @@ pub struct AttachArgs {
     #[arg(long, value_name = "BYTES", default_value_t = dogslow_common::DEFAULT_USER_STACK_COPY,
           value_parser = clap::value_parser!(u32).range(4096..=dogslow_common::MAX_USER_STACK_COPY as i64))]
     pub user_stack_bytes: u32,
+
+    #[command(flatten)]
+    pub output: OutputArgs,
 }
 
 #[derive(Debug, Error)]
 pub enum CliError {
     #[error("give at least one --pid or --binary")]
     NoTarget,
+    #[error(transparent)]
+    Output(#[from] OutputError),
 }
 
 fn parse_capture(text: &str) -> Result<CaptureRequest, String> {
@@ -145,41 +154,6 @@ fn parse_capture(text: &str) -> Result<CaptureRequest, String> {
 fn parse_probe(text: &str) -> Result<ProbeSpec, String> {
     text.parse()
         .map_err(|err: crate::probe_spec::ProbeSpecError| err.to_string())
-}
-
-/// A human duration (`250ms`, `2s`, `1m`, `1h30m`); bare numbers are seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    if let Ok(seconds) = text.parse::<f64>() {
-        if seconds.is_finite() && seconds >= 0.0 {
-            return Ok(Duration::from_secs_f64(seconds));
-        }
-    }
-    humantime::parse_duration(text).map_err(|err| {
-        format!("`{text}` is not a duration ({err}); write e.g. 250ms, 2s, 1m or 1h30m")
-    })
-}
-
-fn parse_positive_duration(text: &str) -> Result<Duration, String> {
-    let duration = parse_duration(text)?;
-    if duration.is_zero() {
-        return Err("must be greater than zero".into());
-    }
-    Ok(duration)
-}
-
-fn parse_timeout(text: &str) -> Result<Duration, String> {
-    let timeout = parse_duration(text)?;
-    if timeout.is_zero() {
-        return Err(
-            "a zero timeout would report every request; give a deadline such as 500ms or 25s"
-                .into(),
-        );
-    }
-    if timeout < Duration::from_millis(1) {
-        return Err("the timeout must be at least 1ms".into());
-    }
-    Ok(timeout)
 }
 
 impl AttachArgs {
@@ -203,13 +177,90 @@ impl AttachArgs {
             max_inflight: self.max_inflight,
             user_stack_bytes: self.user_stack_bytes,
             scan_interval: Duration::from_millis(10),
+            output: self
+                .output
+                .into_settings()
+                .into_config(std::env::var(PASSWORD_ENV).ok())?,
         })
+    }
+}
+
+/// Report format on stdout.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum FormatArg {
+    /// One JSON object per line.
+    Json,
+    /// The human report ("Undead request intercepted at: ...").
+    Text,
+}
+
+/// Where reports go: stdout's format, files, email.
+#[derive(Debug, Args)]
+pub struct OutputArgs {
+    /// Report format on stdout.
+    #[arg(long, value_enum, default_value = "json")]
+    pub format: FormatArg,
+
+    /// Also write each report to its own files in DIR (text and JSON, mode 0600).
+    #[arg(long, value_name = "DIR")]
+    pub output_dir: Option<PathBuf>,
+
+    /// Mail stall reports to ADDR (repeatable); needs --smtp.
+    #[arg(long = "email-to", value_name = "ADDR")]
+    pub email_to: Vec<String>,
+
+    /// Sender address of the mails (default dogslow@HOSTNAME).
+    #[arg(long, value_name = "ADDR")]
+    pub email_from: Option<String>,
+
+    /// Mail server: smtp://HOST[:PORT] (plain), smtp://HOST[:PORT]?tls=required
+    /// (STARTTLS), smtps://HOST[:PORT] (TLS); USER@HOST to authenticate, with
+    /// the password in $DOGSLOW_SMTP_PASSWORD or --smtp-password-file.
+    #[arg(long, value_name = "URL")]
+    pub smtp: Option<String>,
+
+    /// File whose first line is the SMTP password.
+    #[arg(long, value_name = "PATH")]
+    pub smtp_password_file: Option<PathBuf>,
+
+    /// Also trust the CA certificate(s) in this PEM file for the SMTP server.
+    #[arg(long, value_name = "PEM")]
+    pub smtp_ca_file: Option<PathBuf>,
+
+    /// At most one mail per kind of stall (fingerprint) per interval; the
+    /// next says how many were suppressed.
+    #[arg(long, value_name = "DURATION", value_parser = parse_positive_duration)]
+    pub email_interval: Option<Duration>,
+
+    /// At most this many mails per hour in all.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub email_max_per_hour: Option<u32>,
+}
+
+impl OutputArgs {
+    /// The plain settings these flags stand for.
+    pub fn into_settings(self) -> OutputSettings {
+        OutputSettings {
+            format: Some(match self.format {
+                FormatArg::Json => ReportFormat::Json,
+                FormatArg::Text => ReportFormat::Text,
+            }),
+            output_dir: self.output_dir,
+            email_to: self.email_to,
+            email_from: self.email_from,
+            smtp: self.smtp,
+            smtp_password_file: self.smtp_password_file,
+            smtp_ca_file: self.smtp_ca_file,
+            email_interval: self.email_interval,
+            email_max_per_hour: self.email_max_per_hour,
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{OutputConfig, parse_duration};
 
     #[test]
     fn durations() {
@@ -243,6 +294,142 @@ mod tests {
         assert_eq!(config.sample_hz, 99);
         assert_eq!(config.targets[0].exit, None);
         assert_eq!(config.targets[0].pids, vec![1]);
+    }
+
+    fn output(args: &[&str], password_env: Option<&str>) -> Result<OutputConfig, OutputError> {
+        let mut argv = vec!["dogslow", "attach", "--pid", "1", "--entry", "f"];
+        argv.extend_from_slice(args);
+        let Command::Attach(args) = Cli::try_parse_from(argv).unwrap().command else {
+            unreachable!("parsed an attach command");
+        };
+        args.output
+            .into_settings()
+            .into_config(password_env.map(str::to_owned))
+    }
+
+    #[test]
+    fn output_defaults_to_json_on_stdout_only() {
+        assert_eq!(output(&[], None).unwrap(), OutputConfig::default());
+        let text = output(&["--format", "text", "--output-dir", "/tmp/r"], None).unwrap();
+        assert_eq!(text.format, ReportFormat::Text);
+        assert_eq!(text.dir, Some(PathBuf::from("/tmp/r")));
+        assert!(
+            Cli::try_parse_from([
+                "dogslow", "attach", "--pid", "1", "--entry", "f", "--format", "xml"
+            ])
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn email_options() {
+        let config = output(
+            &[
+                "--email-to",
+                "ops@example.com",
+                "--email-to",
+                "Dev <dev@example.com>",
+                "--email-from",
+                "dogslow@web-1.example.com",
+                "--smtp",
+                "smtp://127.0.0.1:2525",
+                "--email-interval",
+                "30s",
+                "--email-max-per-hour",
+                "5",
+            ],
+            None,
+        )
+        .unwrap();
+        let email = config.email.unwrap();
+        assert_eq!(email.to.len(), 2);
+        assert_eq!(email.to[1].email.to_string(), "dev@example.com");
+        assert_eq!(email.from.email.to_string(), "dogslow@web-1.example.com");
+        assert_eq!(email.server.port, 2525);
+        assert_eq!(email.interval, Duration::from_secs(30));
+        assert_eq!(email.max_per_hour, 5);
+        let defaults = output(&["--email-to", "a@b.c", "--smtp", "smtp://localhost"], None)
+            .unwrap()
+            .email
+            .unwrap();
+        assert_eq!(defaults.interval, Duration::from_secs(600));
+        assert_eq!(defaults.from.email.user(), "dogslow");
+    }
+
+    #[test]
+    fn bad_email_options_say_what_to_do() {
+        let err = |args: &[&str], env: Option<&str>| output(args, env).unwrap_err().to_string();
+        assert!(err(&["--email-to", "a@b.c"], None).contains("needs --smtp"));
+        assert!(err(&["--smtp", "smtp://h"], None).contains("--smtp is only used for email"));
+        assert!(
+            err(&["--email-from", "a@b.c"], None).contains("--email-from is only used for email")
+        );
+        assert!(
+            err(
+                &["--email-to", "not an address", "--smtp", "smtp://h"],
+                None
+            )
+            .contains("not a mail address")
+        );
+        assert!(
+            err(&["--email-to", "a@b.c", "--smtp", "mail.example.com"], None)
+                .contains("write e.g.")
+        );
+        assert!(
+            err(
+                &["--email-to", "a@b.c", "--smtp", "smtp://u@127.0.0.1"],
+                None
+            )
+            .contains("DOGSLOW_SMTP_PASSWORD")
+        );
+        assert!(
+            err(
+                &[
+                    "--email-to",
+                    "a@b.c",
+                    "--smtp",
+                    "smtp://u@127.0.0.1",
+                    "--smtp-password-file",
+                    "/nonexistent/pw"
+                ],
+                None
+            )
+            .contains("/nonexistent/pw")
+        );
+        assert!(
+            output(
+                &["--email-to", "a@b.c", "--smtp", "smtp://u@127.0.0.1"],
+                Some("pw")
+            )
+            .is_ok()
+        );
+        assert!(
+            Cli::try_parse_from([
+                "dogslow",
+                "attach",
+                "--pid",
+                "1",
+                "--entry",
+                "f",
+                "--email-interval",
+                "0s"
+            ])
+            .is_err()
+        );
+        // There is no flag for the password itself.
+        assert!(
+            Cli::try_parse_from([
+                "dogslow",
+                "attach",
+                "--pid",
+                "1",
+                "--entry",
+                "f",
+                "--smtp-password",
+                "x"
+            ])
+            .is_err()
+        );
     }
 
     #[test]

@@ -36,6 +36,8 @@ pub struct ProcessInfo {
     pub ns_pid: Option<u32>,
     /// The process's cgroup v2 path (or the first v1 hierarchy's).
     pub cgroup: Option<String>,
+    /// Its container and pod, when it runs in one.
+    pub kube: crate::kube::KubeContext,
     /// Start time in clock ticks since boot: with the PID, a unique identity.
     pub start_ticks: u64,
 }
@@ -84,9 +86,9 @@ pub fn process_info(pid: u32) -> Result<ProcessInfo, ProcError> {
         .unwrap_or_default();
     let status = read_to_string(&proc_path(pid, "status"), pid)?;
     let ns_pid = namespace_id(&status, "NSpid:").filter(|&ns| ns != pid);
-    let cgroup = fs::read_to_string(proc_path(pid, "cgroup"))
-        .ok()
-        .and_then(|text| parse_cgroup(&text));
+    let cgroup_text = fs::read_to_string(proc_path(pid, "cgroup")).unwrap_or_default();
+    let cgroup = parse_cgroup(&cgroup_text);
+    let kube = crate::kube::context(pid, &cgroup_text);
     Ok(ProcessInfo {
         pid,
         ppid,
@@ -94,6 +96,7 @@ pub fn process_info(pid: u32) -> Result<ProcessInfo, ProcError> {
         exe,
         ns_pid,
         cgroup,
+        kube,
         start_ticks,
     })
 }
@@ -131,9 +134,11 @@ fn namespace_id(status: &str, key: &str) -> Option<u32> {
         .and_then(|id| id.parse().ok())
 }
 
-/// The cgroup v2 path ("0::/path"), else the first hierarchy's path.
+/// The cgroup v2 path ("0::/path"); on hybrid hosts where that is just
+/// "/", the first v1 hierarchy's more specific path.
 fn parse_cgroup(text: &str) -> Option<String> {
-    let mut first = None;
+    let mut unified = None;
+    let mut specific = None;
     for line in text.lines() {
         let mut parts = line.splitn(3, ':');
         let (Some(id), Some(_controllers), Some(path)) = (parts.next(), parts.next(), parts.next())
@@ -141,11 +146,15 @@ fn parse_cgroup(text: &str) -> Option<String> {
             continue;
         };
         if id == "0" {
-            return Some(path.to_owned());
+            unified = Some(path.to_owned());
+        } else if path != "/" {
+            specific.get_or_insert_with(|| path.to_owned());
         }
-        first.get_or_insert_with(|| path.to_owned());
     }
-    first
+    match unified {
+        Some(path) if path != "/" => Some(path),
+        unified => specific.or(unified),
+    }
 }
 
 /// One line of /proc/PID/maps.
@@ -293,6 +302,11 @@ mod tests {
             Some("/kubepods/pod1/abc".to_owned())
         );
         assert_eq!(parse_cgroup("3:memory:/x\n"), Some("/x".to_owned()));
+        assert_eq!(
+            parse_cgroup("4:pids:/kubepods/p/c\n0::/\n"),
+            Some("/kubepods/p/c".to_owned())
+        );
+        assert_eq!(parse_cgroup("4:pids:/\n0::/\n"), Some("/".to_owned()));
     }
 
     #[test]

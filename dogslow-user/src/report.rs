@@ -71,9 +71,16 @@ pub struct StallReport {
     pub thread: String,
     pub exe: String,
     pub cgroup: Option<String>,
+    /// The container (from the cgroup path) and pod, when there is one.
+    pub container_id: Option<String>,
+    pub pod_uid: Option<String>,
+    pub pod: Option<String>,
+    pub pod_namespace: Option<String>,
     pub target: String,
     pub entry: String,
-    /// The request's captured arguments (`--capture`), by name.
+    /// Arguments captured at the request's entry (`--capture`), by name.
+    /// From untrusted traffic: strings are escaped, but sinks that put them
+    /// in headers or terminals must still treat them as hostile.
     pub request: Option<serde_json::Map<String, serde_json::Value>>,
     pub state: &'static str,
     pub blocked_ms: Option<u64>,
@@ -85,6 +92,64 @@ pub struct StallReport {
     pub user_stack_truncated: bool,
     pub user_stack_truncated_reason: Option<String>,
     pub kernel_stack: Vec<FrameJson>,
+}
+
+impl StallReport {
+    /// A complete, plausible report for tests (the sinks' and their
+    /// integration tests against real servers); not used at run time.
+    #[doc(hidden)]
+    pub fn example() -> Self {
+        let frame = |addr: u64, function: &str, line: u32| FrameJson {
+            addr: format!("{addr:#x}"),
+            function: Some(function.into()),
+            offset: Some(0x24),
+            file: Some("/src/slow_requests.c".into()),
+            line: Some(line),
+            module: Some("/usr/bin/slow_requests".into()),
+            inlined: false,
+        };
+        Self {
+            kind: "stall",
+            id: "1a2b3c4d5e6f7081".into(),
+            time: "2026-05-16T02:10:12.345Z".into(),
+            started: "2026-05-16T02:10:12.033Z".into(),
+            elapsed_ms: 312,
+            timeout_ms: 300,
+            host: "web-1".into(),
+            pid: 4242,
+            tid: 4243,
+            ppid: 1,
+            ns_pid: None,
+            ns_tid: None,
+            comm: "slow_requests".into(),
+            thread: "worker-1".into(),
+            exe: "/usr/bin/slow_requests".into(),
+            cgroup: Some("/system.slice/app.service".into()),
+            container_id: None,
+            pod_uid: None,
+            pod: None,
+            pod_namespace: None,
+            target: "handle_request".into(),
+            entry: "handle_request".into(),
+            state: "running",
+            blocked_ms: None,
+            syscall: None,
+            cpu: 1,
+            fingerprint: "00c0ffee00c0ffee".into(),
+            user_stack: vec![
+                frame(0x5555_5555_5189, "spin_for", 30),
+                frame(0x5555_5555_5210, "handle_request", 44),
+                frame(0x5555_5555_5280, "dispatch", 58),
+                frame(0x5555_5555_5300, "serve_forever", 69),
+                frame(0x5555_5555_5400, "main", 90),
+            ],
+            user_stack_unwinder: "dwarf",
+            user_stack_truncated: false,
+            user_stack_truncated_reason: None,
+            kernel_stack: vec![],
+            request: None,
+        }
+    }
 }
 
 /// A reported request ended.
@@ -238,6 +303,10 @@ mod tests {
             thread: "demo".into(),
             exe: "/usr/bin/demo".into(),
             cgroup: None,
+            container_id: None,
+            pod_uid: None,
+            pod: None,
+            pod_namespace: None,
             target: "demo".into(),
             entry: "handle_request".into(),
             request: None,
@@ -273,6 +342,7 @@ mod tests {
         assert_eq!(frame["module"], "/usr/bin/demo");
         assert!(value["ns_pid"].is_null());
         assert!(value["kernel_stack"].as_array().unwrap().is_empty());
+        assert!(value["request"].is_null());
     }
 
     #[test]

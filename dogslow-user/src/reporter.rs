@@ -206,6 +206,10 @@ impl Reporter {
             thread: capture.comm.clone(),
             exe: process.exe.clone(),
             cgroup: process.cgroup.clone(),
+            container_id: process.kube.container_id.clone(),
+            pod_uid: process.kube.pod_uid.clone(),
+            pod: process.kube.pod.clone(),
+            pod_namespace: process.kube.namespace.clone(),
             target: target.map_or_else(String::new, |t| t.name.clone()),
             entry: target.map_or_else(String::new, |t| t.entry.clone()),
             request: match (target, &capture.args) {

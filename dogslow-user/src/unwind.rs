@@ -60,8 +60,8 @@ impl Deref for SectionBytes {
 /// What unwinding needs from one binary, independent of where it is mapped.
 struct BinaryUnwindData {
     name: String,
-    /// (p_offset, p_vaddr, p_filesz) of each loadable segment.
-    segments: Vec<(u64, u64, u64)>,
+    /// (p_offset, p_vaddr, p_filesz) of each executable loadable segment.
+    code_segments: Vec<(u64, u64, u64)>,
     sections: ExplicitModuleSectionInfo<SectionBytes>,
     has_cfi: bool,
 }
@@ -92,8 +92,11 @@ impl BinaryUnwindData {
             .section_by_name(".got")
             .map(|s| s.address()..s.address() + s.size());
         let has_cfi = eh_frame.is_some() || debug_frame.is_some();
-        let segments = file
+        let code_segments = file
             .segments()
+            .filter(|segment| {
+                matches!(segment.flags(), object::SegmentFlags::Elf { p_flags, .. } if p_flags.0 & object::elf::PF_X.0 != 0)
+            })
             .map(|segment| {
                 let (offset, size) = segment.file_range();
                 (offset, segment.address(), size)
@@ -113,18 +116,30 @@ impl BinaryUnwindData {
         };
         Some(Self {
             name,
-            segments,
+            code_segments,
             sections,
             has_cfi,
         })
     }
 
-    /// Stated virtual address of file offset `offset`.
-    fn offset_to_svma(&self, offset: u64) -> Option<u64> {
-        self.segments
+    /// How far the code in `mapping` is from where the file says it is
+    /// (actual minus stated address). The mapping starts on a page
+    /// boundary, which may lie in the segment before the code (linkers pack
+    /// segments into shared pages), so the code segment is found by where
+    /// its first byte falls in the mapping.
+    fn bias(&self, mapping: &Mapping) -> Option<u64> {
+        let len = mapping.end - mapping.start;
+        self.code_segments
             .iter()
-            .find(|(p_offset, _, size)| offset >= *p_offset && offset < p_offset + size.max(&1))
-            .map(|(p_offset, p_vaddr, _)| p_vaddr + (offset - p_offset))
+            .find(|(p_offset, _, size)| {
+                *p_offset < mapping.offset + len && p_offset + size > mapping.offset
+            })
+            .map(|(p_offset, p_vaddr, _)| {
+                // p_offset may precede the mapping by less than a page.
+                (mapping.start + p_offset)
+                    .wrapping_sub(mapping.offset)
+                    .wrapping_sub(*p_vaddr)
+            })
     }
 }
 
@@ -277,26 +292,35 @@ impl StackUnwinder {
             .iter()
             .find(|m| m.path == "[uprobes]")
             .map(|m| m.start..m.end);
-        for (key, group) in group_mappings(&mappings) {
-            let first = group[0];
-            let Some(data) = self.binary(pid, &key, first) else {
+        // One module per executable mapping: code addresses are what the
+        // unwinder looks up, and the bias must come from the mapping that
+        // holds the code (a process may also map the same file as data).
+        for mapping in mappings.iter().filter(|m| m.executable) {
+            let key = if mapping.path == "[vdso]" {
+                BinaryKey::Vdso
+            } else if mapping.is_file() {
+                BinaryKey::File {
+                    dev: mapping.dev,
+                    inode: mapping.inode,
+                }
+            } else {
                 continue;
             };
-            // Bias from the mapping of the lowest file offset.
-            let Some(svma) = data.offset_to_svma(first.offset) else {
+            let Some(data) = self.binary(pid, &key, mapping) else {
                 continue;
             };
-            let bias = first.start.wrapping_sub(svma);
-            let avma_range = group.iter().map(|m| m.start).min().unwrap_or(first.start)
-                ..group.iter().map(|m| m.end).max().unwrap_or(first.end);
+            let Some(bias) = data.bias(mapping) else {
+                continue;
+            };
+            let avma = mapping.start..mapping.end;
             ranges.push(ModuleRange {
-                avma: avma_range.clone(),
+                avma: avma.clone(),
                 has_cfi: data.has_cfi,
                 name: data.name.clone(),
             });
             unwinder.add_module(Module::new(
                 data.name.clone(),
-                avma_range,
+                avma,
                 bias,
                 data.sections.clone(),
             ));
@@ -348,29 +372,6 @@ impl StackUnwinder {
 
 /// Frames beyond this are cut (and the stack marked truncated).
 pub const MAX_USER_FRAMES: usize = 256;
-
-/// Groups the executable-relevant mappings per binary, lowest address first.
-fn group_mappings(mappings: &[Mapping]) -> Vec<(BinaryKey, Vec<&Mapping>)> {
-    let mut groups: Vec<(BinaryKey, Vec<&Mapping>)> = Vec::new();
-    for mapping in mappings {
-        let key = if mapping.path == "[vdso]" {
-            BinaryKey::Vdso
-        } else if mapping.is_file() {
-            BinaryKey::File {
-                dev: mapping.dev,
-                inode: mapping.inode,
-            }
-        } else {
-            continue;
-        };
-        match groups.iter_mut().find(|(k, _)| *k == key) {
-            Some((_, group)) => group.push(mapping),
-            None => groups.push((key, vec![mapping])),
-        }
-    }
-    groups.retain(|(_, group)| group.iter().any(|m| m.executable));
-    groups
-}
 
 fn load_binary(pid: u32, key: &BinaryKey, mapping: &Mapping) -> Option<BinaryUnwindData> {
     match key {
@@ -510,6 +511,13 @@ mod tests {
 
     #[test]
     fn unwinds_own_thread_through_dwarf() {
+        unwind_from_here();
+        // Not a tail call: this frame stays on the stack to be unwound.
+        std::hint::black_box(());
+    }
+
+    #[inline(never)]
+    fn unwind_from_here() {
         // Unwind this test's own stack: copy it and the registers, then
         // check the walk gets past this function into the test harness.
         let (ip, sp, bp): (u64, u64, u64);
@@ -540,6 +548,10 @@ mod tests {
         let unwound = unwinder.unwind(&capture);
         assert!(unwound.frames.len() >= 3, "{unwound:?}");
         assert_eq!(unwound.method, "dwarf");
-        assert_eq!(unwinder.cached_binaries() > 0, true);
+        let binaries = unwinder.cached_binaries();
+        assert!(binaries > 0);
+        // The second unwind of the same process reuses the parsed tables.
+        assert_eq!(unwinder.unwind(&capture), unwound);
+        assert_eq!(unwinder.cached_binaries(), binaries);
     }
 }

@@ -15,6 +15,8 @@ use std::{
 
 use serde_json::Value;
 
+pub mod smtp;
+
 /// The dogslow binary under test: `$DOGSLOW_BIN` (set by `cargo xtask
 /// test`), else the workspace's release build.
 pub fn dogslow_bin() -> PathBuf {
@@ -49,7 +51,7 @@ pub fn require_root() {
 pub struct Lines(Arc<Mutex<Vec<String>>>);
 
 impl Lines {
-    fn collect(pipe: impl std::io::Read + Send + 'static) -> Self {
+    pub fn collect(pipe: impl std::io::Read + Send + 'static) -> Self {
         let lines = Self::default();
         let sink = lines.clone();
         thread::spawn(move || {
@@ -205,8 +207,10 @@ impl Agent {
             stdout,
             stderr,
         };
+        // Only a fatal error ends the wait: diagnostics such as "cannot reach
+        // the SMTP server" may come before "watching" and contain "error".
         let ready = agent.stderr.wait_for(Duration::from_secs(60), |l| {
-            l.contains("dogslow: watching") || l.contains("error")
+            l.contains("dogslow: watching") || l.contains("dogslow: error")
         });
         match ready {
             Some(line) if line.contains("watching") => agent,

@@ -398,3 +398,97 @@ fn a_binary_that_is_not_elf_is_refused() {
     );
     assert!(!finished.stderr.contains("panicked"));
 }
+
+/// A cgroup named the way the kubelet names a container's, holding `pid`;
+/// removed on drop.
+struct PodCgroup {
+    dir: PathBuf,
+}
+
+impl PodCgroup {
+    fn new(pod_uid: &str, container_id: &str, pid: u32) -> Self {
+        // The pids controller exists in v1 (hybrid) and v2 layouts alike.
+        let root = if Path::new("/sys/fs/cgroup/pids/cgroup.procs").exists() {
+            PathBuf::from("/sys/fs/cgroup/pids")
+        } else {
+            PathBuf::from("/sys/fs/cgroup")
+        };
+        let dir = root.join(format!("kubepods/burstable/pod{pod_uid}/{container_id}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("cgroup.procs"), pid.to_string()).unwrap();
+        Self { dir }
+    }
+}
+
+impl Drop for PodCgroup {
+    fn drop(&mut self) {
+        let mut dir = self.dir.clone();
+        for _ in 0..3 {
+            let _ = std::fs::remove_dir(&dir);
+            dir.pop();
+        }
+    }
+}
+
+#[test]
+fn a_process_in_a_pod_is_reported_with_its_container_and_pod() {
+    require_root();
+    const INSIDE: &str = "/opt/dogslow-test/app";
+    const POD_UID: &str = "1d2c3b4a-0000-4111-8222-933344455566";
+    const CONTAINER: &str = "3f2d5bd0b7c64fd8b0b5a7e3c1f0e2d4a6b8c0d2e4f6a8b0c2d4e6f8a0b2c4d6";
+    let root = container_root(&target_bin("slow_requests"), INSIDE);
+    let secrets = root.join("var/run/secrets/kubernetes.io/serviceaccount");
+    std::fs::create_dir_all(&secrets).unwrap();
+    std::fs::write(secrets.join("namespace"), "shop\n").unwrap();
+    let agent = Agent::start(&[
+        "attach",
+        "--binary",
+        INSIDE,
+        "--entry",
+        "handle_request",
+        "--timeout",
+        "300ms",
+    ]);
+    let mut container = Target::spawn_command(
+        Command::new("unshare")
+            .args(["--mount", "--pid", "--fork", "chroot"])
+            .arg(&root)
+            .args([
+                INSIDE,
+                "--requests",
+                "1",
+                "--slow-every",
+                "1",
+                "--slow-ms",
+                "800",
+                "--wait",
+            ])
+            .env("HOSTNAME", "web-7d9f8-x2v4q"),
+    );
+    let host_pid = (0..200)
+        .find_map(|_| {
+            std::thread::sleep(Duration::from_millis(10));
+            host_pid_of(&root, INSIDE)
+        })
+        .expect("the containerized process");
+    let _cgroup = PodCgroup::new(POD_UID, CONTAINER, host_pid);
+    agent
+        .stderr
+        .wait_for(Duration::from_secs(3), |l| {
+            l.contains(&format!("watching process {host_pid}"))
+        })
+        .expect("picked up");
+    container.go();
+    let stall = agent
+        .stdout
+        .wait_for(Duration::from_secs(10), |l| l.contains("\"stall\""))
+        .expect("stall");
+    container.finish(Duration::from_secs(20));
+    let _ = std::fs::remove_dir_all(&root);
+    let stall: Value = serde_json::from_str(&stall).unwrap();
+    assert_eq!(stall["container_id"], CONTAINER, "{stall}");
+    assert_eq!(stall["pod_uid"], POD_UID);
+    assert_eq!(stall["pod"], "web-7d9f8-x2v4q");
+    assert_eq!(stall["pod_namespace"], "shop");
+    assert!(stall["cgroup"].as_str().unwrap().contains(CONTAINER));
+}

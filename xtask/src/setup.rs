@@ -19,6 +19,7 @@ const PACKAGES: &[&str] = &[
     "bpftrace",
     "postgresql",
     "python3-aiosmtpd",
+    "openssl",
     "util-linux",
     "binutils",
     "musl-tools",
