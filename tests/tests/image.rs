@@ -1,6 +1,7 @@
 //! Issue 9: the container image builds with Debian's podman from
-//! `deploy/Containerfile`, holds a static binary, and that binary, taken back
-//! out of the built image, catches stalls like the one `cargo build` makes.
+//! `deploy/Containerfile`, holds a static binary and a CA bundle, and that
+//! binary, taken back out of the built image, catches stalls like the one
+//! `cargo build` makes.
 use std::{
     path::{Path, PathBuf},
     process::Command,
@@ -69,12 +70,19 @@ fn the_binary_taken_out_of_the_image_reports_running_stalls() {
         config["Labels"]["org.opencontainers.image.title"], "dogslow",
         "{config}"
     );
-    // Nothing but the binary: a FROM scratch image of one layer.
+    // Nothing but the binary and the CA bundle: FROM scratch, two layers.
     assert_eq!(
         image["RootFS"]["Layers"].as_array().map(Vec::len),
-        Some(1),
+        Some(2),
         "{}",
         image["RootFS"]
+    );
+    // The mail sink's TLS needs CA certificates, which scratch lacks.
+    let cas = std::fs::read_to_string(workspace_root().join("target/image/ca-certificates.crt"))
+        .expect("xtask image takes the CA bundle out of the image too");
+    assert!(
+        cas.matches("BEGIN CERTIFICATE").count() > 50,
+        "the image's CA bundle holds few certificates"
     );
 
     running_stalls::check(|args| Agent::start_with(&bin, args));

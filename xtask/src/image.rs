@@ -1,8 +1,8 @@
 //! `cargo xtask image`: the static (musl) dogslow binary, the container image
 //! built from `deploy/Containerfile` with Debian's podman, and the binary
-//! taken back out of the built image (target/image/dogslow, with the image's
-//! configuration in target/image/inspect.json), so that tests run exactly
-//! what the image ships.
+//! taken back out of the built image (target/image/dogslow, beside the CA
+//! bundle it ships and the image's configuration in inspect.json), so that
+//! tests run exactly what the image ships.
 use std::{
     fs,
     path::{Path, PathBuf},
@@ -17,6 +17,9 @@ pub const TAG: &str = "localhost/dogslow:dev";
 const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
 /// Where the Containerfile puts the binary.
 const IMAGE_BINARY: &str = "/usr/local/bin/dogslow";
+/// The CA certificates for the mail sink's TLS (FROM scratch has none):
+/// Debian's bundle, at the same path in the image.
+const CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 /// Builds the image and returns the path of the binary extracted from it.
 pub fn build(root: &Path) -> Result<PathBuf> {
@@ -39,6 +42,9 @@ pub fn build(root: &Path) -> Result<PathBuf> {
     let built = root.join(format!("target/{MUSL_TARGET}/release/dogslow"));
     fs::copy(&built, context.join("dogslow"))
         .with_context(|| format!("cannot stage {}", built.display()))?;
+    fs::copy(CA_BUNDLE, context.join("ca-certificates.crt")).with_context(|| {
+        format!("cannot stage {CA_BUNDLE} (cargo xtask setup installs ca-certificates)")
+    })?;
 
     let store = Store::pick(&out)?;
     eprintln!(
@@ -69,11 +75,18 @@ pub fn build(root: &Path) -> Result<PathBuf> {
         );
     }
     let container = String::from_utf8_lossy(&created.stdout).trim().to_owned();
-    let copied = run(store
-        .podman()
-        .arg("cp")
-        .arg(format!("{container}:{IMAGE_BINARY}"))
-        .arg(&extracted));
+    let copied = [
+        (IMAGE_BINARY, extracted.clone()),
+        (CA_BUNDLE, out.join("ca-certificates.crt")),
+    ]
+    .iter()
+    .try_for_each(|(inside, to)| {
+        run(store
+            .podman()
+            .arg("cp")
+            .arg(format!("{container}:{inside}"))
+            .arg(to))
+    });
     let removed = run(store.podman().args(["rm", &container]));
     copied?;
     removed?;

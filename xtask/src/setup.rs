@@ -10,7 +10,8 @@ use crate::run;
 /// (USDT probes) for the test programs, and the real peers and servers the
 /// tests and benchmarks use; for the container image, musl-gcc (C
 /// dependencies such as ring compile with it for the static binary), podman
-/// to build the image, and python3-venv for the manifest validator.
+/// to build the image, the CA bundle it ships, and python3-venv for the
+/// manifest validator.
 const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "gcc",
@@ -24,6 +25,7 @@ const PACKAGES: &[&str] = &[
     "binutils",
     "musl-tools",
     "podman",
+    "ca-certificates",
     "python3-venv",
 ];
 
