@@ -2,6 +2,7 @@
 //! programs and a real `dogslow` against the real kernel, and collect what
 //! it reports.
 
+pub mod container;
 pub mod pg;
 pub mod running_stalls;
 use std::{

@@ -6,9 +6,10 @@
 //! dogslow runs as uid 65534 with exactly these capabilities as ambient ones
 //! (what a container runtime gives); the targets run as root, so every
 //! access to them is one across users.
-use std::{process::Command, time::Duration};
+use std::{os::unix::fs::PermissionsExt as _, path::Path, process::Command, time::Duration};
 
-use dogslow_tests::*;
+use dogslow_tests::{container::*, *};
+use serde_json::Value;
 
 const DOCUMENTED: &[&str] = &["sys_admin", "sys_ptrace", "dac_read_search"];
 
@@ -79,6 +80,81 @@ fn the_documented_capabilities_catch_a_blocked_stall_of_another_user() {
         !functions(stall, "kernel_stack").is_empty(),
         "no kernel stack: {stall}"
     );
+}
+
+/// The DaemonSet's case: `--binary` names a path inside containers, found
+/// through /proc/PID/root of a root process in its own mount and PID
+/// namespace, behind a directory only its owner may search.
+#[test]
+fn the_documented_capabilities_find_and_symbolize_a_container_process() {
+    require_root();
+    const INSIDE: &str = "/opt/dogslow-test/app";
+    let root = container_root(&target_bin("slow_requests"), INSIDE);
+    let private = root.join("opt/dogslow-test");
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+    assert!(!Path::new(INSIDE).exists());
+    let agent = Agent::start_command(as_nobody_with(DOCUMENTED).arg(dogslow_bin()).args([
+        "attach",
+        "--binary",
+        INSIDE,
+        "--entry",
+        "handle_request",
+        "--timeout",
+        "300ms",
+    ]));
+    let mut container = Target::spawn_command(
+        Command::new("unshare")
+            .args(["--mount", "--pid", "--fork", "chroot"])
+            .arg(&root)
+            .args([
+                INSIDE,
+                "--requests",
+                "2",
+                "--slow-every",
+                "2",
+                "--slow-ms",
+                "1000",
+                "--wait",
+            ]),
+    );
+    let mut host_pid = None;
+    for _ in 0..200 {
+        host_pid = host_pid_of(&root, INSIDE);
+        if host_pid.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let host_pid = host_pid.expect("the containerized process");
+    let found = agent.stderr.wait_for(Duration::from_secs(3), |l| {
+        l.contains(&format!("watching process {host_pid}"))
+    });
+    assert!(
+        found.is_some(),
+        "dogslow as nobody did not find the container process: {:?}",
+        agent.stderr.snapshot()
+    );
+    container.go();
+    let stall = agent
+        .stdout
+        .wait_for(Duration::from_secs(10), |l| l.contains("\"stall\""))
+        .expect("a stall report");
+    let stall: Value = serde_json::from_str(&stall).unwrap();
+    container.finish(Duration::from_secs(20));
+    let _ = std::fs::remove_dir_all(&root);
+    assert_eq!(stall["pid"].as_u64(), Some(u64::from(host_pid)));
+    assert_eq!(stall["ns_pid"].as_u64(), Some(1), "{stall}");
+    assert_in_order(
+        &functions(&stall, "user_stack"),
+        &[
+            "spin_for",
+            "handle_request",
+            "dispatch",
+            "serve_forever",
+            "main",
+        ],
+    );
+    assert_source_lines(&stall, &["spin_for", "handle_request"], "slow_requests.c");
 }
 
 #[test]
