@@ -162,8 +162,8 @@ impl Probes {
             .load(OBJECT)
             .map_err(|source| {
                 let hint = if is_permission_error(&source) {
-                    "; dogslow needs root, or CAP_BPF, CAP_PERFMON, CAP_SYS_PTRACE and \
-                     CAP_SYS_RESOURCE: run it with sudo"
+                    "; dogslow needs root, or CAP_SYS_ADMIN, CAP_SYS_PTRACE and \
+                     CAP_DAC_READ_SEARCH: run it with sudo"
                 } else {
                     ""
                 };

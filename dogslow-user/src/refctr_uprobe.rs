@@ -500,7 +500,8 @@ fn open(pmu: &UprobePmu, request: &UprobeRequest<'_>) -> Result<OwnedFd, RefCtrE
             }
             Some(libc::EINVAL) => "; the offset may not be at an instruction boundary",
             Some(libc::EACCES | libc::EPERM) => {
-                "; dogslow needs root, or CAP_PERFMON and CAP_BPF: run it with sudo"
+                "; the kernel lets only root or CAP_SYS_ADMIN create uprobes (CAP_PERFMON \
+                 and CAP_BPF are not enough): run it with sudo"
             }
             Some(libc::ENOENT) => "; the file does not exist (in dogslow's mount namespace)",
             _ => "",

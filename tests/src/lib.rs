@@ -2,7 +2,9 @@
 //! programs and a real `dogslow` against the real kernel, and collect what
 //! it reports.
 
+pub mod container;
 pub mod pg;
+pub mod running_stalls;
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     path::{Path, PathBuf},
@@ -197,8 +199,18 @@ impl Finished {
 impl Agent {
     /// Starts `dogslow ARGS` and waits until its probes are attached.
     pub fn start(args: &[&str]) -> Self {
-        let mut child = Command::new(dogslow_bin())
-            .args(args)
+        Self::start_with(&dogslow_bin(), args)
+    }
+
+    /// Starts another dogslow binary (the one taken out of the image).
+    pub fn start_with(bin: &Path, args: &[&str]) -> Self {
+        Self::start_command(Command::new(bin).args(args))
+    }
+
+    /// Starts dogslow through `command` (e.g. `setpriv ... dogslow ARGS`)
+    /// and waits until its probes are attached.
+    pub fn start_command(command: &mut Command) -> Self {
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -1,6 +1,7 @@
-//! The developer front door: `cargo xtask setup | build | demo | test | bench`.
+//! The developer front door: `cargo xtask setup | build | image | demo | test | bench`.
 //! Every command sets up what is missing first (idempotent, fast when all is
 //! present), so each works on a fresh machine of this project's kind.
+mod image;
 mod setup;
 
 use std::{
@@ -24,6 +25,9 @@ enum Task {
     Setup,
     /// Build dogslow (release) and the test programs.
     Build,
+    /// Build the container image (deploy/Containerfile) around the static
+    /// binary, and take the binary back out of it to target/image/dogslow.
+    Image,
     /// Start a bundled demo server with slow requests and watch it with dogslow.
     Demo {
         /// How long to watch.
@@ -45,6 +49,10 @@ fn main() -> Result<()> {
         Task::Build => {
             setup::all()?;
             build(&root)
+        }
+        Task::Image => {
+            setup::all()?;
+            image::build(&root).map(|_| ())
         }
         Task::Demo { duration } => {
             setup::all()?;
