@@ -253,8 +253,14 @@ pub fn boot_id() -> String {
     text.trim().to_owned()
 }
 
-/// The host name (from the UTS namespace dogslow runs in).
+/// The node's name: `$NODE_NAME` when set (Kubernetes), else the host name
+/// of the UTS namespace dogslow runs in.
 pub fn host_name() -> String {
+    // In a DaemonSet the pod has a hostname of its own; the manifest passes
+    // the node's name through the downward API.
+    if let Some(node) = std::env::var("NODE_NAME").ok().filter(|n| !n.is_empty()) {
+        return node;
+    }
     fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|name| name.trim().to_owned())
         .unwrap_or_else(|_| "unknown".to_owned())

@@ -256,13 +256,27 @@ pub fn report_id(boot_id: &str, tid: u32, start_ns: u64) -> String {
 /// How many frames from the top make a fingerprint.
 const FINGERPRINT_FRAMES: usize = 5;
 
-/// Groups reports that stalled the same way: the program, the top
-/// symbolized frames and the state (addresses differ across processes).
+/// Groups reports that stalled the same way: the program, the state and the
+/// top frames of the program's own code. Addresses and paths differ across
+/// processes and hosts; library and vDSO frames and inlined helpers differ
+/// with where exactly a sample landed (`clock_gettime` or the loop calling
+/// it), so they count only when the program has no frames of its own.
 pub fn fingerprint(exe: &str, state: &str, frames: &[Frame]) -> String {
     let program = exe.rsplit('/').next().unwrap_or(exe);
+    let named = |frame: &&Frame| frame.function.is_some() && !frame.inlined;
+    let own: Vec<&Frame> = frames
+        .iter()
+        .filter(named)
+        .filter(|f| f.module.as_deref().is_some_and(|m| m == exe))
+        .collect();
+    let chosen: Vec<&Frame> = if own.is_empty() {
+        frames.iter().filter(named).collect()
+    } else {
+        own
+    };
     let mut parts: Vec<&[u8]> = vec![program.as_bytes(), state.as_bytes()];
     parts.extend(
-        frames
+        chosen
             .iter()
             .filter_map(|f| f.function.as_deref())
             .take(FINGERPRINT_FRAMES)
@@ -375,6 +389,39 @@ mod tests {
         assert_ne!(report_id("b", 1, 2), report_id("b", 1, 3));
         assert_ne!(report_id("b", 1, 2), report_id("c", 1, 2));
         assert_eq!(report_id("b", 1, 2).len(), 16);
+    }
+
+    #[test]
+    fn fingerprint_ignores_where_in_a_loop_the_sample_landed() {
+        let exe = "/usr/bin/demo";
+        let own = |function: &str| frame(function);
+        let library = |function: &str| Frame {
+            module: Some("/usr/lib/x86_64-linux-gnu/libc.so.6".into()),
+            ..frame(function)
+        };
+        let inlined = |function: &str| Frame {
+            inlined: true,
+            ..frame(function)
+        };
+        let in_loop = [own("spin_for"), own("handle_request"), own("main")];
+        let in_libc = [
+            library("clock_gettime"),
+            library("__GI___clock_gettime"),
+            inlined("now_ns"),
+            own("spin_for"),
+            own("handle_request"),
+            own("main"),
+        ];
+        assert_eq!(
+            fingerprint(exe, "running", &in_loop),
+            fingerprint(exe, "running", &in_libc)
+        );
+        // A program with no frames of its own still groups by what it has.
+        let only_libc = [library("epoll_wait"), library("__libc_start_main")];
+        assert_ne!(
+            fingerprint(exe, "blocked", &only_libc),
+            fingerprint(exe, "blocked", &[])
+        );
     }
 
     #[test]

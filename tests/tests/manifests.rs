@@ -189,10 +189,7 @@ fn the_daemonset_runs_the_image_on_the_configmap() {
         configmap["metadata"]["name"]
     );
     // Read-only host paths for what dogslow only reads.
-    for (name, path) in [
-        ("sys-kernel-btf", "/sys/kernel/btf"),
-        ("kubelet-pods", "/var/lib/kubelet/pods"),
-    ] {
+    for (name, path) in [("sys-kernel-btf", "/sys/kernel/btf")] {
         assert_eq!(mount(name)["readOnly"], true, "{name}");
         assert_eq!(volume(name)["hostPath"]["path"], path, "{name}");
     }
