@@ -11,8 +11,8 @@ use aya_ebpf::{
 };
 use dogslow_common::{
     CAPTURE_CONSTANT, CAPTURE_MEMORY, CAPTURE_REGISTER, CAPTURE_STR_BUF, CompletionEvent,
-    EVENT_COMPLETION, Inflight, MAX_CAPTURE_STR, MAX_CAPTURES, OUTCOME_ABANDONED, OUTCOME_RETURNED,
-    PT_REGS_COUNT, TARGET_FUNCTION_SCOPED, TargetConfig, stat,
+    EVENT_COMPLETION, Inflight, MAX_CAPTURES, OUTCOME_ABANDONED, OUTCOME_RETURNED, PT_REGS_COUNT,
+    TARGET_FUNCTION_SCOPED, TargetConfig, stat,
 };
 
 use crate::{
@@ -161,7 +161,6 @@ fn capture_args(ctx: &ProbeContext, config: &TargetConfig, tid: u32, start_ns: u
             };
         }
     }
-    let _ = MAX_CAPTURE_STR;
     if REQUEST_ARGS.insert(tid, &*args, BPF_ANY as u64).is_err() {
         count(stat::ARGS_FULL);
         return false;

@@ -149,14 +149,12 @@ impl Agent<'_> {
                 () = &mut next_scan => {
                     let inflight = self.probes.inflight();
                     let now = Clock::boot_ns();
-                    if needs_off_cpu_capture(&inflight, now) {
-                        if let Err(err) = self.probes.capture_off_cpu() {
-                            if !capture_failed {
+                    if needs_off_cpu_capture(&inflight, now)
+                        && let Err(err) = self.probes.capture_off_cpu()
+                            && !capture_failed {
                                 eprintln!("dogslow: {err}; blocked requests cannot be reported");
                                 capture_failed = true;
                             }
-                        }
-                    }
                     let min_timeout_ns = self
                         .watcher
                         .min_timeout()

@@ -76,13 +76,6 @@ pub struct OutputConfig {
     pub email: Option<EmailConfig>,
 }
 
-impl AgentConfig {
-    /// The longest a running stall may wait for a sample: one sample period.
-    pub fn sample_period(&self) -> Duration {
-        Duration::from_nanos(1_000_000_000 / self.sample_hz.max(1))
-    }
-}
-
 /// Report destinations as the user writes them: the `attach` flags and the
 /// config file's `[output]` keys (the flag names with `_` for `-`) are both
 /// read into this, so both are checked the same way.
@@ -200,10 +193,11 @@ fn default_sender() -> lettre::message::Mailbox {
 /// A human duration (`250ms`, `2s`, `1m`, `1h30m`); bare numbers are seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    if let Ok(seconds) = text.parse::<f64>() {
-        if seconds.is_finite() && seconds >= 0.0 {
-            return Ok(Duration::from_secs_f64(seconds));
-        }
+    if let Ok(seconds) = text.parse::<f64>()
+        && seconds.is_finite()
+        && seconds >= 0.0
+    {
+        return Ok(Duration::from_secs_f64(seconds));
     }
     humantime::parse_duration(text).map_err(|err| {
         format!("`{text}` is not a duration ({err}); write e.g. 250ms, 2s, 1m or 1h30m")

@@ -66,10 +66,10 @@ fn find_member(btf: &Btf, st: &btf_rs::Struct, member: &str, base_bits: u32) -> 
         }
         if name.is_empty() {
             // Anonymous struct or union: search inside it.
-            if let Ok(Type::Struct(inner) | Type::Union(inner)) = btf.resolve_chained_type(m) {
-                if let Some(found) = find_member(btf, &inner, member, bits) {
-                    return Some(found);
-                }
+            if let Ok(Type::Struct(inner) | Type::Union(inner)) = btf.resolve_chained_type(m)
+                && let Some(found) = find_member(btf, &inner, member, bits)
+            {
+                return Some(found);
             }
         }
     }

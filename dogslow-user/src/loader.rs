@@ -129,7 +129,6 @@ pub struct LoadOptions {
 /// in the kernel (no pinning), even when the agent is killed.
 pub struct Probes {
     ebpf: Ebpf,
-    btf: Btf,
     max_inflight: u32,
 }
 
@@ -214,7 +213,6 @@ impl Probes {
             })?;
         Ok(Self {
             ebpf,
-            btf,
             max_inflight: options.max_inflight,
         })
     }
@@ -295,10 +293,10 @@ impl Probes {
         match program.attach(point, path, scope) {
             Ok(id) => Ok(UprobeLink::Aya { role, id }),
             Err(source) => {
-                if let Some(pid) = pid {
-                    if !crate::procfs::process_exists(pid) {
-                        return Err(AttachError::ProcessGone { pid });
-                    }
+                if let Some(pid) = pid
+                    && !crate::procfs::process_exists(pid)
+                {
+                    return Err(AttachError::ProcessGone { pid });
                 }
                 Err(AttachError::Uprobe {
                     path: path.display().to_string(),
@@ -419,11 +417,6 @@ impl Probes {
             }
         }
         totals
-    }
-
-    /// The kernel BTF, parsed once.
-    pub fn btf(&self) -> &Btf {
-        &self.btf
     }
 }
 

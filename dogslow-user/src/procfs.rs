@@ -234,17 +234,6 @@ pub fn read_memory(pid: u32, addr: u64, len: usize) -> io::Result<Vec<u8>> {
     Ok(buf)
 }
 
-/// The names of a process's threads, keyed by tid: used to say which thread
-/// a report is about when the thread has no name of its own.
-pub fn thread_ids(pid: u32) -> Vec<u32> {
-    let Ok(entries) = fs::read_dir(proc_path(pid, "task")) else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
-        .collect()
-}
-
 /// The kernel's boot id, so report ids are unique across hosts and reboots.
 pub fn boot_id() -> String {
     let mut text = String::new();

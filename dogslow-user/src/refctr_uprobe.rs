@@ -487,10 +487,10 @@ fn open(pmu: &UprobePmu, request: &UprobeRequest<'_>) -> Result<OwnedFd, RefCtrE
     };
     if fd < 0 {
         let source = io::Error::last_os_error();
-        if let UprobeScope::Process(pid) = request.scope {
-            if source.raw_os_error() == Some(libc::ESRCH) || !crate::procfs::process_exists(pid) {
-                return Err(RefCtrError::ProcessGone { pid });
-            }
+        if let UprobeScope::Process(pid) = request.scope
+            && (source.raw_os_error() == Some(libc::ESRCH) || !crate::procfs::process_exists(pid))
+        {
+            return Err(RefCtrError::ProcessGone { pid });
         }
         let hint = match source.raw_os_error() {
             Some(libc::EINVAL) if request.ref_ctr_offset.is_some() => {

@@ -226,7 +226,7 @@ mod tests {
 
     #[test]
     fn symbolizes_own_function_with_file_and_line() {
-        let addr = dogslow_symbolize_probe_target as usize as u64;
+        let addr = dogslow_symbolize_probe_target as *const () as u64;
         let symbolizer = Symbolizer::new();
         let frames = symbolizer.user_frames(
             std::process::id(),
@@ -281,7 +281,7 @@ mod tests {
 
     #[test]
     fn return_addresses_report_their_own_offset() {
-        let addr = dogslow_symbolize_probe_target as usize as u64 + 4;
+        let addr = dogslow_symbolize_probe_target as *const () as u64 + 4;
         let symbolizer = Symbolizer::new();
         let ret = FrameAddress::from_return_address(addr).unwrap();
         let frames = symbolizer.user_frames(std::process::id(), &[ret]);

@@ -47,10 +47,10 @@ impl Tracker {
             return None;
         }
         let id = crate::report::report_id(&self.boot_id, capture.tid, capture.start_ns);
-        if self.order.len() >= self.capacity {
-            if let Some(oldest) = self.order.pop_front() {
-                self.reported.remove(&oldest);
-            }
+        if self.order.len() >= self.capacity
+            && let Some(oldest) = self.order.pop_front()
+        {
+            self.reported.remove(&oldest);
         }
         self.order.push_back(key);
         self.reported.insert(

@@ -374,11 +374,11 @@ impl Watcher {
                 let needs_process_probes = probe_roles(&target)
                     .iter()
                     .any(|(_, s)| s.library.is_some());
-                if needs_process_probes && !self.process_links.contains_key(&(index as u32, pid)) {
-                    if let Err(err) = self.attach_process(probes, index as u32, &target, pid, false)
-                    {
-                        eprintln!("dogslow: process {pid}: {err}");
-                    }
+                if needs_process_probes
+                    && !self.process_links.contains_key(&(index as u32, pid))
+                    && let Err(err) = self.attach_process(probes, index as u32, &target, pid, false)
+                {
+                    eprintln!("dogslow: process {pid}: {err}");
                 }
                 if self.matched.insert(pid) {
                     eprintln!("dogslow: watching process {pid} ({})", binary.display());
@@ -496,17 +496,16 @@ fn validate<'a>(targets: impl IntoIterator<Item = &'a TargetSpec>) -> Result<(),
             )));
         }
         if let (None, ProbeLocation::Symbol { offset, .. }) = (&target.exit, &target.entry.location)
+            && *offset != 0
         {
-            if *offset != 0 {
-                // A uretprobe anywhere but a function's first instruction
-                // would overwrite something other than the return address.
-                return Err(AgentError::Unsupported(format!(
-                    "target `{}`: without --exit a request ends when the entry function returns, \
+            // A uretprobe anywhere but a function's first instruction
+            // would overwrite something other than the return address.
+            return Err(AgentError::Unsupported(format!(
+                "target `{}`: without --exit a request ends when the entry function returns, \
                      which needs the probe on the function's first instruction; drop the +{offset} \
                      or give --exit",
-                    target.name
-                )));
-            }
+                target.name
+            )));
         }
         request_args::check_all(&target.captures).map_err(|e| error(e.into()))?;
         let check = |object: &Path, role: ProbeRole, spec: &ProbeSpec| -> Result<(), AgentError> {

@@ -2,6 +2,8 @@
 //! tests/smtp/smtp_sink.py): what arrives, to whom, with which headers.
 //! No root needed: reports are built here and pushed through the sink as
 //! the reporting thread would.
+// Test helpers: a failed step is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use dogslow::{

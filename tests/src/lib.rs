@@ -1,7 +1,6 @@
 //! Support for dogslow's root-only integration tests: start real target
 //! programs and a real `dogslow` against the real kernel, and collect what
 //! it reports.
-
 pub mod container;
 pub mod pg;
 pub mod running_stalls;

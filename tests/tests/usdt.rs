@@ -2,8 +2,6 @@
 //! dogslow holds them, in processes already running and in new ones, and
 //! the semaphore is released when dogslow lets go; `dogslow probes` lists
 //! what a binary or a process offers.
-// A failed step is a failed test: panicking with the reason is the point.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 use std::{
     io::Write as _,
     os::unix::fs::FileExt as _,

@@ -126,10 +126,10 @@ impl ReportFiles {
     }
 
     fn remember(&mut self, id: String, stem: String) {
-        if self.stem_order.len() >= REMEMBERED_STEMS {
-            if let Some(oldest) = self.stem_order.pop_front() {
-                self.stems.remove(&oldest);
-            }
+        if self.stem_order.len() >= REMEMBERED_STEMS
+            && let Some(oldest) = self.stem_order.pop_front()
+        {
+            self.stems.remove(&oldest);
         }
         self.stem_order.push_back(id.clone());
         self.stems.insert(id, stem);

@@ -306,13 +306,13 @@ fn read_password_file(path: &Path) -> Result<String, SmtpError> {
         source,
     };
     let text = std::fs::read_to_string(path).map_err(file_error)?;
-    if let Ok(meta) = std::fs::metadata(path) {
-        if meta.permissions().mode() & 0o077 != 0 {
-            eprintln!(
-                "dogslow: warning: --smtp-password-file {} can be read by other users; chmod 600 it",
-                path.display()
-            );
-        }
+    if let Ok(meta) = std::fs::metadata(path)
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        eprintln!(
+            "dogslow: warning: --smtp-password-file {} can be read by other users; chmod 600 it",
+            path.display()
+        );
     }
     let password = text.lines().next().unwrap_or("").to_owned();
     if password.is_empty() {

@@ -178,10 +178,10 @@ impl StormControl {
 
     /// Records the Message-ID of a group's first mail.
     pub fn set_thread(&mut self, fingerprint: &str, message_id: &str) {
-        if let Some(group) = self.groups.get_mut(fingerprint) {
-            if group.thread.is_none() {
-                group.thread = Some(message_id.to_owned());
-            }
+        if let Some(group) = self.groups.get_mut(fingerprint)
+            && group.thread.is_none()
+        {
+            group.thread = Some(message_id.to_owned());
         }
     }
 

@@ -34,11 +34,11 @@ impl<W: Write + Send> Sink for TextStream<W> {
     fn emit(&mut self, report: &Report) {
         let text = render(report);
         let written = writeln!(self.out, "{text}").and_then(|()| self.out.flush());
-        if let Err(err) = written {
-            if !self.failed {
-                eprintln!("dogslow: writing reports to stdout failed: {err}");
-                self.failed = true;
-            }
+        if let Err(err) = written
+            && !self.failed
+        {
+            eprintln!("dogslow: writing reports to stdout failed: {err}");
+            self.failed = true;
         }
     }
 
