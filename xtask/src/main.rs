@@ -132,7 +132,7 @@ fn demo(root: &Path, duration: &str) -> Result<()> {
         .context("cannot start the demo server")?;
     let pid = server.id().to_string();
     eprintln!(
-        "xtask: running: dogslow attach --pid {pid} --entry handle_request --timeout 500ms --duration {duration}"
+        "xtask: running: dogslow attach --pid {pid} --entry handle_request --timeout 500ms --format text --duration {duration}"
     );
     let status = Command::new(dogslow_bin(root))
         .args([
@@ -143,6 +143,8 @@ fn demo(root: &Path, duration: &str) -> Result<()> {
             "handle_request",
             "--timeout",
             "500ms",
+            "--format",
+            "text",
             "--duration",
             duration,
         ])
