@@ -28,9 +28,12 @@ pub static ARGS_SCRATCH: PerCpuArray<RequestArgs> = PerCpuArray::with_max_entrie
 #[map]
 pub static TARGETS: Array<TargetConfig> = Array::with_max_entries(MAX_TARGETS, 0);
 
-/// Stall captures and completion records for the agent.
+/// Stall captures and completion records for the agent: room for about 60
+/// captures, drained as they come (a full buffer delays a capture to the
+/// next tick, never loses it). The agent maps it twice over, so its size
+/// is twice in the agent's RSS.
 #[map]
-pub static EVENTS: RingBuf = RingBuf::with_byte_size(16 << 20, 0);
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
 
 /// One counter per failure path (see `dogslow_common::stat`).
 #[map]

@@ -72,6 +72,7 @@ pub fn run(config: AgentConfig, config_path: Option<PathBuf>) -> Result<(), Agen
         user_stack_bytes: config.user_stack_bytes,
         sample_hz: config.sample_hz,
     })?;
+    release_freed_memory();
     let sinks = SinkSet::build(&config, &metrics.mail_counters())?;
     let reporter = Reporter::spawn(sinks, metrics.clone(), rx);
 
@@ -286,6 +287,16 @@ impl Agent<'_> {
                 eprintln!("dogslow: reload refused, keeping the running targets: {err}");
             }
         }
+    }
+}
+
+/// Loading parses the kernel's BTF (tens of megabytes, freed after the
+/// load); hand those pages back so a long-running agent does not keep them.
+fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only returns free heap pages to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

@@ -2,7 +2,7 @@
 //! kernel's BTF (Rust eBPF has no CO-RE relocations).
 use std::path::Path;
 
-use btf_rs::{Btf, Type};
+use btf_rs::{Backend, Btf, Type};
 use dogslow_common::KernelOffsets;
 use thiserror::Error;
 
@@ -21,7 +21,9 @@ pub enum BtfError {
 
 /// Reads the offsets dogslow needs from `/sys/kernel/btf/vmlinux`.
 pub fn kernel_offsets() -> Result<KernelOffsets, BtfError> {
-    let btf = Btf::from_file(Path::new(VMLINUX_BTF)).map_err(|err| BtfError::Unavailable {
+    // Mapped, not parsed whole: a dozen offsets do not justify the tens of
+    // megabytes a parsed vmlinux BTF takes.
+    let btf = Btf::from_file_with_backend(Path::new(VMLINUX_BTF), Backend::Mmap).map_err(|err| BtfError::Unavailable {
         reason: err.to_string(),
     })?;
     let field = |strukt: &str, member: &str| member_offset(&btf, strukt, member);
