@@ -4,7 +4,7 @@
 //! operations, no stack work.
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::BPF_ANY,
+    bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::generated::bpf_get_attach_cookie,
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
@@ -28,20 +28,7 @@ pub fn request_entry(ctx: ProbeContext) -> u32 {
         return 0;
     };
     let (tid, tgid) = current_ids();
-    if let Some(inflight) = INFLIGHT.get_ptr_mut(tid) {
-        if config.flags & TARGET_FUNCTION_SCOPED != 0 {
-            // Nested or recursive call: still the outermost request.
-            // SAFETY: only this thread writes its own depth.
-            unsafe { (*inflight).depth += 1 };
-            return 0;
-        }
-        // Exit-scoped: entering again without passing the exit means the
-        // earlier request was abandoned (an error path skipped the exit).
-        // SAFETY: the pointer came from a lookup and the entry is this thread's.
-        finish(tid, unsafe { &*inflight }, OUTCOME_ABANDONED, 0, 0);
-    }
     let start_ns = now_ns();
-    let has_args = config.capture_count > 0 && capture_args(&ctx, config, tid, start_ns);
     let inflight = Inflight {
         start_ns,
         deadline_ns: start_ns + config.timeout_ns,
@@ -52,15 +39,47 @@ pub fn request_entry(ctx: ProbeContext) -> u32 {
         depth: 1,
         off_cpu_state: 0,
         reported: 0,
-        has_args: u32::from(has_args),
+        has_args: 0,
     };
-    if INFLIGHT.insert(tid, inflight, BPF_ANY as u64).is_err() {
-        count(stat::INFLIGHT_FULL);
-    } else {
-        count(stat::REQUESTS_STARTED);
+    // The common case, a thread not yet in a request, costs one insert.
+    match INFLIGHT.insert(tid, inflight, BPF_NOEXIST as u64) {
+        Ok(()) => {}
+        Err(EEXIST) => {
+            let Some(current) = INFLIGHT.get_ptr_mut(tid) else {
+                return 0;
+            };
+            if config.flags & TARGET_FUNCTION_SCOPED != 0 {
+                // Nested or recursive call: still the outermost request.
+                // SAFETY: only this thread writes its own depth.
+                unsafe { (*current).depth += 1 };
+                return 0;
+            }
+            // Exit-scoped: entering again without passing the exit means the
+            // earlier request was abandoned (an error path skipped the exit).
+            // SAFETY: the pointer came from a lookup and the entry is this thread's.
+            finish(tid, unsafe { &*current }, OUTCOME_ABANDONED, 0, 0);
+            if INFLIGHT.insert(tid, inflight, BPF_ANY as u64).is_err() {
+                count(stat::INFLIGHT_FULL);
+                return 0;
+            }
+        }
+        Err(_) => {
+            count(stat::INFLIGHT_FULL);
+            return 0;
+        }
+    }
+    count(stat::REQUESTS_STARTED);
+    if config.capture_count > 0 && capture_args(&ctx, config, tid, start_ns) {
+        if let Some(current) = INFLIGHT.get_ptr_mut(tid) {
+            // SAFETY: this thread's own entry, inserted above.
+            unsafe { (*current).has_args = 1 };
+        }
     }
     0
 }
+
+/// `-EEXIST` from a `BPF_NOEXIST` insert: the thread is already in a request.
+const EEXIST: i32 = -17;
 
 #[uretprobe]
 pub fn request_return(_ctx: RetProbeContext) -> u32 {

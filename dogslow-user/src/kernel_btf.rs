@@ -23,9 +23,12 @@ pub enum BtfError {
 pub fn kernel_offsets() -> Result<KernelOffsets, BtfError> {
     // Mapped, not parsed whole: a dozen offsets do not justify the tens of
     // megabytes a parsed vmlinux BTF takes.
-    let btf = Btf::from_file_with_backend(Path::new(VMLINUX_BTF), Backend::Mmap).map_err(|err| BtfError::Unavailable {
-        reason: err.to_string(),
-    })?;
+    let btf =
+        Btf::from_file_with_backend(Path::new(VMLINUX_BTF), Backend::Mmap).map_err(|err| {
+            BtfError::Unavailable {
+                reason: err.to_string(),
+            }
+        })?;
     let field = |strukt: &str, member: &str| member_offset(&btf, strukt, member);
     Ok(KernelOffsets {
         task_pid: field("task_struct", "pid")?,

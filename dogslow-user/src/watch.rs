@@ -20,7 +20,7 @@ use crate::{
     agent::AgentError,
     config::TargetSpec,
     elf::ElfImage,
-    loader::{ProbeRole, Probes, UprobeLink},
+    loader::{AttachError, ProbeRole, Probes, UprobeLink},
     probe_spec::{ProbeLocation, ProbeSpec},
     procfs,
     reporter::{Message, TargetInfo},
@@ -202,6 +202,11 @@ impl Watcher {
     ) -> Result<(), AgentError> {
         for &pid in &target.pids {
             self.attach_process(probes, index, target, pid, true)?;
+            // A process that exited during the attach may still have taken
+            // the probes as a zombie: that is not a process to watch.
+            if !procfs::process_exists(pid) {
+                return Err(AttachError::ProcessGone { pid }.into());
+            }
         }
         for binary in &target.binaries {
             if let Some(file) = FileId::of(binary) {
