@@ -96,6 +96,7 @@ impl Reporter {
             .name("dogslow-report".into())
             .spawn(move || {
                 let mut reporter = Self::new(sinks, metrics);
+                reporter.symbolizer.warm_kernel();
                 for message in messages {
                     reporter.handle(message);
                 }
@@ -115,7 +116,8 @@ impl Reporter {
             }
             Message::ProcessSeen(pid) => {
                 self.process(pid);
-                self.symbolizer.cache_process(pid);
+                self.symbolizer.warm_process(pid);
+                self.unwinder.refresh_process(pid);
             }
             Message::ProcessGone(pid) => self.gone.push_back((Instant::now() + FORGET_AFTER, pid)),
             Message::Sinks(sinks) => {

@@ -103,6 +103,27 @@ impl Symbolizer {
         }
     }
 
+    /// Parses what symbolizing `pid` needs now (symbol tables, DWARF line
+    /// and inline data of each mapped binary), so the first report from
+    /// it is not the slow one.
+    pub fn warm_process(&mut self, pid: u32) {
+        self.cache_process(pid);
+        let Ok(mappings) = crate::procfs::maps(pid) else {
+            return;
+        };
+        let starts: Vec<FrameAddress> = mappings
+            .iter()
+            .filter(|m| m.executable && (m.is_file() || m.path == "[vdso]"))
+            .map(|m| FrameAddress::from_instruction_pointer(m.start))
+            .collect();
+        let _ = self.user_frames(pid, &starts);
+    }
+
+    /// Parses the kernel's symbols (kallsyms) ahead of the first report.
+    pub fn warm_kernel(&self) {
+        let _ = self.kernel_frames(&[0xffff_ffff_8100_0000]);
+    }
+
     /// Releases what `cache_process` kept for `pid` (it exited a while ago).
     pub fn forget_process(&mut self, pid: u32) {
         let _ = self

@@ -273,8 +273,10 @@ impl StackUnwinder {
         }
     }
 
-    /// Builds (or rebuilds, when its mappings changed) the module list of `pid`.
-    fn refresh_process(&mut self, pid: u32) {
+    /// Builds (or rebuilds, when its mappings changed) the module list of
+    /// `pid`, loading the unwind data of binaries not seen before. Called
+    /// when a process is first seen, so the first stall does not pay it.
+    pub fn refresh_process(&mut self, pid: u32) {
         let Ok(mappings) = procfs::maps(pid) else {
             // Gone: keep what we had, so late captures still unwind.
             return;
