@@ -15,33 +15,18 @@ fn running_stalls_are_reported_once_each_with_their_stack() {
 
 #[test]
 fn fast_requests_are_never_reported() {
-    require_root();
     // About 3 s of 2 ms requests.
-    let mut target = Target::spawn(
+    let watched = watch(
         "slow_requests",
-        &["--requests", "1500", "--fast-us", "2000", "--wait"],
+        &["--requests", "1500", "--fast-us", "2000"],
+        &["--entry", "handle_request", "--timeout", "300ms"],
     );
-    let pid = target.pid().to_string();
-    let agent = Agent::start(&[
-        "attach",
-        "--pid",
-        &pid,
-        "--entry",
-        "handle_request",
-        "--timeout",
-        "300ms",
-    ]);
-    target.go();
-    target.finish(Duration::from_secs(30));
-    let finished = agent.wait(Duration::from_secs(20));
-    assert!(finished.status.success(), "{}", finished.stderr);
-    assert_eq!(finished.reports(), Vec::<serde_json::Value>::new());
+    assert_eq!(watched.dogslow.reports(), Vec::<serde_json::Value>::new());
 }
 
 #[test]
 fn exit_form_requests_end_at_the_exit_function() {
-    require_root();
-    let mut target = Target::spawn(
+    let watched = watch(
         "slow_requests",
         &[
             "--requests",
@@ -51,25 +36,18 @@ fn exit_form_requests_end_at_the_exit_function() {
             "--slow-ms",
             "1200",
             "--exit-form",
-            "--wait",
+        ],
+        &[
+            "--entry",
+            "begin_request",
+            "--exit",
+            "end_request",
+            "--timeout",
+            "300ms",
         ],
     );
-    let pid = target.pid().to_string();
-    let agent = Agent::start(&[
-        "attach",
-        "--pid",
-        &pid,
-        "--entry",
-        "begin_request",
-        "--exit",
-        "end_request",
-        "--timeout",
-        "300ms",
-    ]);
-    target.go();
-    let slow = timed_lines(&target.finish(Duration::from_secs(30)), "slow");
-    let finished = agent.wait(Duration::from_secs(20));
-    let stalls = finished.stalls();
+    let slow = timed_lines(&watched.program, "slow");
+    let stalls = watched.dogslow.stalls();
     assert_eq!(stalls.len(), slow.len(), "{stalls:#?}");
     for stall in &stalls {
         assert_eq!(stall["state"], "running");
@@ -84,7 +62,7 @@ fn exit_form_requests_end_at_the_exit_function() {
             &["spin_for", "dispatch", "serve_forever", "main"],
         );
     }
-    assert_eq!(finished.completions().len(), stalls.len());
+    assert_eq!(watched.dogslow.completions().len(), stalls.len());
 }
 
 /// (file offset of `function`, file offset of its second instruction),
@@ -168,32 +146,12 @@ fn symbol_plus_offset_and_file_offset_probes() {
 
 #[test]
 fn another_request_on_the_same_thread_gets_its_own_report() {
-    require_root();
-    let mut target = Target::spawn(
+    let watched = watch(
         "slow_requests",
-        &[
-            "--requests",
-            "2",
-            "--slow-every",
-            "1",
-            "--slow-ms",
-            "800",
-            "--wait",
-        ],
+        &["--requests", "2", "--slow-every", "1", "--slow-ms", "800"],
+        &["--entry", "handle_request", "--timeout", "300ms"],
     );
-    let pid = target.pid().to_string();
-    let agent = Agent::start(&[
-        "attach",
-        "--pid",
-        &pid,
-        "--entry",
-        "handle_request",
-        "--timeout",
-        "300ms",
-    ]);
-    target.go();
-    target.finish(Duration::from_secs(30));
-    let stalls = agent.wait(Duration::from_secs(20)).stalls();
+    let stalls = watched.dogslow.stalls();
     assert_eq!(stalls.len(), 2);
     assert_eq!(stalls[0]["tid"], stalls[1]["tid"]);
     assert_ne!(stalls[0]["id"], stalls[1]["id"]);
