@@ -243,26 +243,49 @@ mod bad_input {
     #[test]
     fn pid_that_exits_while_attaching() {
         require_root();
-        // The target exits 150 ms after starting; loading and verifying the
-        // eBPF programs takes longer, so it is gone when the uprobe attaches.
-        let target = Target::spawn(
-            "slow_requests",
-            &["--requests", "1", "--slow-every", "1", "--slow-ms", "150"],
-        );
+        // A private copy of the program, watched with inotify: dogslow opens
+        // it while it checks the target, and the test kills the target when
+        // the check is done, so it is gone by the time the probes attach.
+        let copy = std::env::temp_dir().join(format!("dogslow-exits-{}", std::process::id()));
+        std::fs::copy(target_bin("slow_requests"), &copy).unwrap();
+        let mut target = Target::spawn_command(std::process::Command::new(&copy).args([
+            "--requests",
+            "1",
+            "--wait",
+        ]));
         let pid = target.pid().to_string();
-        let finished = run_dogslow(&["attach", "--pid", &pid, "--entry", "handle_request"]);
-        assert!(!finished.status.success());
+        // SAFETY: plain inotify calls on a path we own.
+        let inotify = unsafe { libc::inotify_init1(libc::IN_CLOEXEC) };
+        assert!(inotify >= 0);
+        let path = std::ffi::CString::new(copy.to_str().unwrap()).unwrap();
+        // SAFETY: as above.
+        assert!(unsafe { libc::inotify_add_watch(inotify, path.as_ptr(), libc::IN_OPEN) } >= 0);
+        let dogslow = std::process::Command::new(dogslow_bin())
+            .args(["attach", "--pid", &pid, "--entry", "handle_request"])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // dogslow opens the program once per probe (return, then entry) to
+        // check it before loading; kill the target after the second.
+        let mut event = [0u8; 256];
+        for _ in 0..2 {
+            // SAFETY: reading into our own buffer; blocks until dogslow opens the copy.
+            let read = unsafe { libc::read(inotify, event.as_mut_ptr().cast(), event.len()) };
+            assert!(read > 0);
+        }
+        let _ = target.child.kill();
+        let _ = target.child.wait();
+        // SAFETY: closing our own descriptor.
+        unsafe { libc::close(inotify) };
+        let output = dogslow.wait_with_output().unwrap();
+        let _ = std::fs::remove_file(&copy);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{stderr}");
         assert!(
-            finished
-                .stderr
-                .contains("exited while dogslow was attaching")
-                || finished
-                    .stderr
-                    .contains(&format!("no process with PID {pid}")),
-            "{}",
-            finished.stderr
+            stderr.contains(&format!("process {pid} exited while dogslow was attaching")),
+            "{stderr}"
         );
-        assert!(!finished.stderr.contains("panicked"), "{}", finished.stderr);
+        assert!(!stderr.contains("panicked"), "{stderr}");
     }
 
     #[test]
