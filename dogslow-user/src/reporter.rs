@@ -186,11 +186,12 @@ impl Reporter {
         self.symbolizer.cache_process(capture.pid);
         let unwound = self.unwinder.unwind(capture);
         let mut user_frames = self.symbolizer.user_frames(capture.pid, &unwound.frames);
-        for frame in user_frames.iter_mut().filter(|f| f.module.is_none()) {
-            frame.module = self
-                .unwinder
-                .module_name(capture.pid, frame.addr)
-                .map(str::to_owned);
+        // Name modules as the process maps them (blazesym names the
+        // /proc/PID/map_files link it read them through).
+        for frame in &mut user_frames {
+            if let Some(module) = self.unwinder.module_name(capture.pid, frame.addr) {
+                frame.module = Some(module.to_owned());
+            }
         }
         let kernel_frames = self.symbolizer.kernel_frames(&capture.kernel_stack);
         let target = self.targets.get(&capture.target);

@@ -110,6 +110,12 @@ pub fn check(start: impl FnOnce(&[&str]) -> Agent) {
             "slow_requests.c",
         );
         assert_eq!(stall["user_stack_truncated"], false, "{stall}");
+        // Modules are named as the process maps them.
+        assert_eq!(frame(stall, "spin_for")["module"], stall["exe"], "{stall}");
+        let libc = frame(stall, "__libc_start_call_main")["module"]
+            .as_str()
+            .unwrap_or("");
+        assert!(libc.starts_with('/') && libc.contains("libc.so"), "{libc}");
     }
     // Every reported request ended: one completion each, same id.
     let completions = finished.completions();
