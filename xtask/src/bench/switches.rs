@@ -1,0 +1,200 @@
+//! Item 4: what dogslow's sched_switch program adds to every context switch
+//! on the machine: for threads in no request (one failed hash lookup) and
+//! for threads inside a request (a lookup and three stores).
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+
+use super::{
+    Bench,
+    floor::{self, Mechanism, Probe},
+    proc::Proc,
+    report::{Section, Table},
+    stats::{Summary, show},
+};
+
+pub const TITLE: &str = "Context switches";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Config {
+    NotAttached,
+    /// Empty uprobe + uretprobe on the process, attached as aya does (per
+    /// process perf events), and no sched_switch program.
+    FloorPerfEvent,
+    /// The same through a uprobe_multi link.
+    FloorUprobeMulti,
+    Untracked,
+    Tracked,
+}
+
+const CONFIGS: [Config; 5] = [
+    Config::NotAttached,
+    Config::FloorPerfEvent,
+    Config::FloorUprobeMulti,
+    Config::Untracked,
+    Config::Tracked,
+];
+
+impl Config {
+    fn name(self) -> &'static str {
+        match self {
+            Self::NotAttached => "dogslow not attached",
+            Self::FloorPerfEvent => {
+                "no dogslow; empty uprobe + uretprobe on the process (perf events, as aya attaches)"
+            }
+            Self::FloorUprobeMulti => "no dogslow; empty uprobe + uretprobe (uprobe_multi link)",
+            Self::Untracked => "attached, threads in no request",
+            Self::Tracked => "attached, both threads inside a request",
+        }
+    }
+
+    /// The entry dogslow watches: the function both threads run inside
+    /// (tracked) or one nobody calls (untracked).
+    fn entry(self) -> Option<&'static str> {
+        match self {
+            Self::NotAttached | Self::FloorPerfEvent | Self::FloorUprobeMulti => None,
+            Self::Untracked => Some("idle_request"),
+            Self::Tracked => Some("switch_request"),
+        }
+    }
+}
+
+fn measure(bench: &Bench, config: Config) -> Result<f64> {
+    let mut target = bench.start_target(&["switches"])?;
+    let mechanism = match config {
+        Config::FloorPerfEvent => Some(Mechanism::PerfEvent),
+        Config::FloorUprobeMulti => Some(Mechanism::UprobeMulti),
+        _ => None,
+    };
+    let _floor = match mechanism {
+        Some(mechanism) => {
+            // On the function dogslow watches when untracked: never called.
+            let offset = floor::function(&bench.target, "idle_request")?.file_offset;
+            Some(floor::attach(
+                mechanism,
+                &bench.target,
+                &[Probe::entry(offset), Probe::ret(offset)],
+                Some(target.pid()),
+            )?)
+        }
+        None => None,
+    };
+    let agent: Option<Proc> = match config.entry() {
+        None => None,
+        Some(entry) => Some(bench.start_dogslow(&[
+            "attach".into(),
+            "--pid".into(),
+            target.pid().to_string(),
+            "--entry".into(),
+            entry.into(),
+            "--timeout".into(),
+            "1h".into(),
+        ])?),
+    };
+    let ms = bench.settings.switch_ms;
+    // Warm-up, then the measurement.
+    let mut result = 0.0;
+    for run_ms in [ms / 5, ms] {
+        let from = target.stdout.len();
+        target.send(&format!("run {run_ms}"))?;
+        let (_, line) = target.wait_stdout(
+            from,
+            Duration::from_millis(run_ms * 4 + 30_000),
+            "the switch count",
+            |l| l.starts_with("switched "),
+        )?;
+        let fields: Vec<f64> = line
+            .text
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|f| f.parse().ok())
+            .collect();
+        let [switches, elapsed_ns] = fields[..] else {
+            bail!("bench_target said `{}`", line.text);
+        };
+        if switches < 1000.0 {
+            bail!("only {switches} context switches in {run_ms} ms: the ping-pong did not run");
+        }
+        result = elapsed_ns / switches;
+    }
+    if let Some(mut agent) = agent {
+        if !agent.is_running() {
+            bail!("exited during the run: {}", agent.why());
+        }
+        agent.stop(Duration::from_secs(10));
+    }
+    Ok(result)
+}
+
+pub fn run(bench: &Bench) -> Result<Section> {
+    let settings = &bench.settings;
+    let mut results: Vec<Vec<f64>> = CONFIGS.iter().map(|_| Vec::new()).collect();
+    for round in 0..settings.switch_rounds {
+        for offset in 0..CONFIGS.len() {
+            let index = (round + offset) % CONFIGS.len();
+            let ns = measure(bench, CONFIGS[index]).with_context(|| CONFIGS[index].name())?;
+            results[index].push(ns);
+        }
+    }
+    let baseline = results[0].clone();
+    let mut section = Section::new(TITLE);
+    let target = bench.shown(&bench.target);
+    section.method = vec![format!(
+        "Two threads of the bench target, pinned to CPU 0, hand a byte back and forth through \
+         two pipes for {} ms, so that every hand-off is a context switch; the target counts the \
+         switches with `getrusage(RUSAGE_THREAD)` and reports elapsed time per switch (the pipe \
+         read and write included). dogslow's `sched_switch` program runs on every switch of the \
+         machine: it is measured watching a function neither thread calls (untracked) and \
+         watching `switch_request`, which both threads stay inside for the whole run (tracked). \
+         To separate that program from the probes dogslow attaches to the process, two more \
+         configurations attach only an empty uprobe + uretprobe to the never-called function: \
+         through per-process perf events, as aya attaches dogslow's, and through a uprobe_multi \
+         link. {} rounds, configurations in rotated order; added cost is the per-round \
+         difference against not attached.",
+        settings.switch_ms, settings.switch_rounds
+    )];
+    section.commands = vec![
+        format!("{target} switches   # then: run MS"),
+        "dogslow attach --pid <target> --entry idle_request --timeout 1h     # untracked".into(),
+        "dogslow attach --pid <target> --entry switch_request --timeout 1h   # tracked".into(),
+    ];
+    let mut table = Table::new(
+        "",
+        &["configuration", "ns per switch", "added ns per switch"],
+    );
+    for (config, values) in CONFIGS.iter().zip(&results) {
+        let added: Vec<f64> = values.iter().zip(&baseline).map(|(v, b)| v - b).collect();
+        table.row(vec![
+            config.name().to_owned(),
+            show(Summary::of(values), 0),
+            if *config == Config::NotAttached {
+                "—".into()
+            } else {
+                show(Summary::of(&added), 0)
+            },
+        ]);
+    }
+    section.tables.push(table);
+    let added = |index: usize| -> Vec<f64> {
+        results[index]
+            .iter()
+            .zip(&baseline)
+            .map(|(v, b)| v - b)
+            .collect()
+    };
+    let (perf, multi) = (added(1), added(2));
+    let perf_dearer = settings.switch_rounds >= 3 && perf.iter().zip(&multi).all(|(p, m)| p > m);
+    if let (true, Some(perf), Some(multi)) = (perf_dearer, Summary::of(&perf), Summary::of(&multi))
+    {
+        section.notes.push(format!(
+            "**The attach mechanism shows at every switch of the watched threads.** Empty probes \
+             attached through per-process perf events (aya's way, so dogslow's) add {:.0} ns per \
+             switch; the same probes through a uprobe_multi link add {:.0} ns; perf events were \
+             dearer in every round. perf schedules a task's own events out and in at each of its \
+             context switches; a uprobe_multi link is no perf event. For dogslow the perf-event \
+             part is paid by every thread of every watched process, in a request or not.",
+            perf.median, multi.median
+        ));
+    }
+    Ok(section)
+}
