@@ -3,11 +3,13 @@
  *
  *   bench_target loop
  *     prints "ready", then per stdin line:
- *       run FUNC MS      call FUNC in a loop for at least MS milliseconds;
- *                        prints "ran CALLS ELAPSED_NS"
+ *       run FUNC MS      call the five copies of FUNC in turn, a batch of
+ *                        calls each, for at least MS milliseconds; prints
+ *                        "ran CALLS_PER_COPY NS0 NS1 NS2 NS3 NS4", the
+ *                        median time per call of each copy's batches
  *                        FUNC: request | exit, optionally with _endbr or
  *                        _nop5 (exit = bench_begin() then bench_end())
- *       serve RATE SECS  call bench_request RATE times a second, paced
+ *       serve RATE SECS  call bench_request_0 RATE times a second, paced
  *                        every millisecond; prints
  *                        "served CALLS ELAPSED_NS CPU_NS"
  *
@@ -34,13 +36,16 @@
 #include <time.h>
 #include <unistd.h>
 
-#define REQUEST_FUNCTIONS(suffix)                \
-    void bench_request##suffix(unsigned long); \
-    void bench_begin##suffix(unsigned long);   \
-    void bench_end##suffix(unsigned long);
-REQUEST_FUNCTIONS()
-REQUEST_FUNCTIONS(_endbr)
-REQUEST_FUNCTIONS(_nop5)
+#define COPIES 5
+#define DECLARE_COPY(kind, copy)                   \
+    void bench_request##kind##copy(unsigned long); \
+    void bench_begin##kind##copy(unsigned long);   \
+    void bench_end##kind##copy(unsigned long);
+#define DECLARE_KIND(kind) \
+    DECLARE_COPY(kind, _0) DECLARE_COPY(kind, _1) DECLARE_COPY(kind, _2) DECLARE_COPY(kind, _3) DECLARE_COPY(kind, _4)
+DECLARE_KIND()
+DECLARE_KIND(_endbr)
+DECLARE_KIND(_nop5)
 
 static volatile unsigned long sink;
 
@@ -67,22 +72,34 @@ static void say(const char *fmt, ...) {
 
 /* ---- loop ---- */
 
-#define BATCH 256
+/* Calls per timed batch: long enough that the two clock reads around it
+ * are noise, short enough that a preemption spoils few batches. */
+#define BATCH 64
 
 typedef void (*request_fn)(unsigned long);
 
 /* FUNC names: request (function-scoped) or exit (begin + end), each with an
- * optional _endbr or _nop5 suffix for the other entry instruction. */
+ * optional _endbr or _nop5 suffix for the other entry instructions. */
+#define FORM(name, kind, begin, end)                                                         \
+    {name,                                                                                   \
+     {begin##kind##_0, begin##kind##_1, begin##kind##_2, begin##kind##_3, begin##kind##_4}, \
+     {end##kind##_0, end##kind##_1, end##kind##_2, end##kind##_3, end##kind##_4}}
+#define FUNCTION_FORM(name, kind)                                                            \
+    {name,                                                                                   \
+     {bench_request##kind##_0, bench_request##kind##_1, bench_request##kind##_2,             \
+      bench_request##kind##_3, bench_request##kind##_4},                                     \
+     {NULL, NULL, NULL, NULL, NULL}}
+
 static const struct {
     const char *name;
-    request_fn begin, end;
+    request_fn begin[COPIES], end[COPIES];
 } forms[] = {
-    {"request", bench_request, NULL},
-    {"exit", bench_begin, bench_end},
-    {"request_endbr", bench_request_endbr, NULL},
-    {"exit_endbr", bench_begin_endbr, bench_end_endbr},
-    {"request_nop5", bench_request_nop5, NULL},
-    {"exit_nop5", bench_begin_nop5, bench_end_nop5},
+    FUNCTION_FORM("request", ),
+    FORM("exit", , bench_begin, bench_end),
+    FUNCTION_FORM("request_endbr", _endbr),
+    FORM("exit_endbr", _endbr, bench_begin, bench_end),
+    FUNCTION_FORM("request_nop5", _nop5),
+    FORM("exit_nop5", _nop5, bench_begin, bench_end),
 };
 
 static int find_form(const char *name) {
@@ -91,8 +108,8 @@ static int find_form(const char *name) {
     return -1;
 }
 
-static void call_batch(int form, unsigned long base) {
-    request_fn begin = forms[form].begin, end = forms[form].end;
+static void call_batch(int form, int copy, unsigned long base) {
+    request_fn begin = forms[form].begin[copy], end = forms[form].end[copy];
     if (end) {
         for (unsigned long i = 0; i < BATCH; i++) {
             begin(base + i);
@@ -103,22 +120,46 @@ static void call_batch(int form, unsigned long base) {
     }
 }
 
+static int compare_long(const void *a, const void *b) {
+    long x = *(const long *)a, y = *(const long *)b;
+    return (x > y) - (x < y);
+}
+
+/* Calls the COPIES copies of FUNC in turn, one timed batch each, for at
+ * least MS milliseconds; prints the calls per copy and, per copy, the
+ * median batch time per call in ns. */
 static void run_loop(const char *func, long ms) {
     int form = find_form(func);
     if (form < 0) {
         say("error unknown function form %s\n", func);
         return;
     }
-    long start = now_ns(CLOCK_MONOTONIC);
-    long until = start + ms * 1000000L;
-    unsigned long calls = 0;
-    long now;
-    do {
-        call_batch(form, calls);
-        calls += BATCH;
-        now = now_ns(CLOCK_MONOTONIC);
-    } while (now < until);
-    say("ran %lu %ld\n", calls, now - start);
+    long capacity = 1024, batches = 0;
+    long *times[COPIES];
+    for (int c = 0; c < COPIES; c++) times[c] = malloc(capacity * sizeof(long));
+    long until = now_ns(CLOCK_MONOTONIC) + ms * 1000000L;
+    unsigned long base = 0;
+    while (now_ns(CLOCK_MONOTONIC) < until) {
+        if (batches == capacity) {
+            capacity *= 2;
+            for (int c = 0; c < COPIES; c++) times[c] = realloc(times[c], capacity * sizeof(long));
+        }
+        for (int c = 0; c < COPIES; c++) {
+            long start = now_ns(CLOCK_MONOTONIC);
+            call_batch(form, c, base);
+            times[c][batches] = now_ns(CLOCK_MONOTONIC) - start;
+        }
+        base += BATCH;
+        batches++;
+    }
+    char line[256];
+    int at = snprintf(line, sizeof line, "ran %ld", batches * BATCH);
+    for (int c = 0; c < COPIES; c++) {
+        qsort(times[c], batches, sizeof(long), compare_long);
+        at += snprintf(line + at, sizeof line - at, " %.2f", (double)times[c][batches / 2] / BATCH);
+        free(times[c]);
+    }
+    say("%s\n", line);
 }
 
 static void serve(long rate, long seconds) {
@@ -132,7 +173,7 @@ static void serve(long rate, long seconds) {
     clock_gettime(CLOCK_MONOTONIC, &next);
     while (now_ns(CLOCK_MONOTONIC) < until) {
         owed_milli += rate;
-        for (; owed_milli >= 1000; owed_milli -= 1000) bench_request(calls++);
+        for (; owed_milli >= 1000; owed_milli -= 1000) bench_request_0(calls++);
         next.tv_nsec += 1000000;
         if (next.tv_nsec >= 1000000000) {
             next.tv_nsec -= 1000000000;

@@ -2,5 +2,5 @@
  * `gcc -pg -mfentry -mnop-mcount` (the kernel's own ftrace trick: the
  * `call __fentry__` becomes `nopl 0x0(%rax,%rax,1)`). gcc accepts
  * -mnop-mcount only without -fPIC, so the bench target is not PIE. */
-#define SUFFIX(name) name##_nop5
+#define KIND _nop5
 #include "requests.c"

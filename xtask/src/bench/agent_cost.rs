@@ -67,7 +67,7 @@ fn measure(bench: &Bench, phase: Phase) -> Result<Sample> {
     let (mut target, mut agent) = match phase {
         Phase::Idle | Phase::Requests => {
             let target = bench.start_target(&["loop"])?;
-            let agent = attach(bench, &target, "bench_request", "1s")?;
+            let agent = attach(bench, &target, "bench_request_0", "1s")?;
             (target, agent)
         }
         Phase::Storm => {
@@ -176,7 +176,7 @@ pub fn run(bench: &Bench) -> Result<Section> {
          {:.0} s window that starts {} s after it attached, as % of one core; peak RSS is \
          `VmHWM` at the end. Every phase is a fresh dogslow. Kernel-side probe cost runs in the \
          target's context and is billed to the target (its CPU is shown for the request load; \
-         per-request cost is item 1). Fast requests: the target calls `bench_request` \
+         per-request cost is item 1). Fast requests: the target calls `bench_request_0` \
          ({RATE}/s, paced every millisecond; dogslow timeout 1 s, never reached). Stall storm: \
          {STORM_THREADS} threads make requests that sleep {STORM_STALL_MS} ms against a \
          {STORM_TIMEOUT_MS} ms deadline, back to back: every request is reported, and a \
@@ -187,7 +187,7 @@ pub fn run(bench: &Bench) -> Result<Section> {
     )];
     section.commands = vec![
         format!("{target} loop   # idle, then: serve {RATE} SECONDS"),
-        "dogslow attach --pid <target> --entry bench_request --timeout 1s".into(),
+        "dogslow attach --pid <target> --entry bench_request_0 --timeout 1s".into(),
         format!("{target} stalls blocked {STORM_THREADS} 0 {STORM_STALL_MS} 0"),
         format!(
             "dogslow attach --pid <target> --entry stall_request --timeout {STORM_TIMEOUT_MS}ms"

@@ -340,3 +340,39 @@ fn fd_raw(fd: &OwnedFd) -> u32 {
     use std::os::fd::AsRawFd as _;
     fd.as_raw_fd() as u32
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_own_functions() {
+        let exe = std::env::current_exe().unwrap();
+        let found = function(&exe, "main").unwrap();
+        assert!(found.file_offset > 0);
+        assert!(function(&exe, "no_such_function_here").is_err());
+    }
+
+    /// PostgreSQL's USDT probe sites are single-byte NOPs guarded by
+    /// semaphores; skipped only where PostgreSQL is not installed.
+    #[test]
+    fn finds_postgres_usdt_probes() {
+        let Some(postgres) = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()
+            .and_then(|mut versions| versions.find_map(|v| v.ok()))
+            .map(|v| v.path().join("bin/postgres"))
+            .filter(|p| p.exists())
+        else {
+            eprintln!("skipped: PostgreSQL is not installed");
+            return;
+        };
+        let bytes = std::fs::read(&postgres).unwrap();
+        for name in ["query__start", "query__done"] {
+            let probe = usdt(&postgres, "postgresql", name).unwrap();
+            assert_eq!(bytes[probe.file_offset as usize], 0x90, "{name}");
+            assert!(probe.semaphore_offset > 0 && (probe.semaphore_offset as usize) < bytes.len());
+        }
+        assert!(usdt(&postgres, "postgresql", "no__such__probe").is_err());
+    }
+}

@@ -19,6 +19,7 @@ pub const TITLE: &str = "Per-request overhead";
 struct Family {
     /// `run FUNC` in the bench target.
     func: String,
+    /// Entry and exit function names without the copy suffix (`_0` .. `_4`).
     entry: String,
     exit: Option<String>,
     form: &'static str,
@@ -65,67 +66,73 @@ const TOOLS: [Tool; 5] = [
     Tool::Bpftrace,
 ];
 
-/// What is attached during one measurement; detaches when dropped.
-enum Attached {
-    Nothing,
-    Floor(#[allow(dead_code)] floor::FloorProbes),
-    Tool(Proc),
+/// The bench target has five identical copies of every request function;
+/// each tool probes its own copy.
+const COPIES: usize = 5;
+
+fn copy_name(base: &str, copy: usize) -> String {
+    format!("{base}_{copy}")
 }
 
-fn bpftrace_program(binary: &str, family: &Family) -> String {
-    let start = format!(
-        "uprobe:{binary}:{} {{ @start[tid] = nsecs; }}",
-        family.entry
-    );
+fn bpftrace_program(binary: &str, family: &Family, copy: usize) -> String {
+    let entry = copy_name(&family.entry, copy);
+    let start = format!("uprobe:{binary}:{entry} {{ @start[tid] = nsecs; }}");
     let end = match &family.exit {
-        None => format!(
-            "uretprobe:{binary}:{} {{ delete(@start[tid]); }}",
-            family.entry
+        None => format!("uretprobe:{binary}:{entry} {{ delete(@start[tid]); }}"),
+        Some(exit) => format!(
+            "uprobe:{binary}:{} {{ delete(@start[tid]); }}",
+            copy_name(exit, copy)
         ),
-        Some(exit) => format!("uprobe:{binary}:{exit} {{ delete(@start[tid]); }}"),
     };
     format!("{start} {end}")
 }
 
-fn dogslow_args(pid: u32, family: &Family) -> Vec<String> {
+fn dogslow_args(pid: u32, family: &Family, copy: usize) -> Vec<String> {
     let mut args = vec![
         "attach".to_owned(),
         "--pid".to_owned(),
         pid.to_string(),
         "--entry".to_owned(),
-        family.entry.clone(),
+        copy_name(&family.entry, copy),
     ];
     if let Some(exit) = &family.exit {
-        args.extend(["--exit".to_owned(), exit.clone()]);
+        args.extend(["--exit".to_owned(), copy_name(exit, copy)]);
     }
     // A deadline no request reaches: this measures the path every request takes.
     args.extend(["--timeout".to_owned(), "1h".to_owned()]);
     args
 }
 
-/// Asks the target to call `func` for `ms` milliseconds; ns per call.
-pub fn run_calls(target: &mut Proc, func: &str, ms: u64) -> Result<f64> {
+/// What one tool attached; detaches when dropped.
+enum Attached {
+    Nothing,
+    Floor(#[allow(dead_code)] floor::FloorProbes),
+    Tool(Proc),
+}
+
+/// Asks the target to call the copies of `func` in turn for `ms`
+/// milliseconds; the median ns per call of each copy.
+pub fn run_calls(target: &mut Proc, func: &str, ms: u64) -> Result<[f64; COPIES]> {
     let from = target.stdout.len();
     target.send(&format!("run {func} {ms}"))?;
     let timeout = Duration::from_millis(ms * 4 + 30_000);
     let (_, line) = target.wait_stdout(from, timeout, "the loop's result", |l| {
         l.starts_with("ran ") || l.starts_with("error")
     })?;
-    let fields: Vec<&str> = line.text.split_whitespace().collect();
-    let (Some(calls), Some(elapsed)) = (
-        fields.get(1).and_then(|f| f.parse::<f64>().ok()),
-        fields.get(2).and_then(|f| f.parse::<f64>().ok()),
-    ) else {
-        bail!("bench_target said `{}`", line.text);
-    };
-    Ok(elapsed / calls)
+    let fields: Vec<f64> = line
+        .text
+        .split_whitespace()
+        .skip(2)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    fields
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("bench_target said `{}`", line.text))
 }
 
-fn measure(bench: &Bench, family: &Family, tool: Tool) -> Result<f64> {
-    let mut target = bench.start_target(&["loop"])?;
-    let pid = target.pid();
+fn attach(bench: &Bench, pid: u32, family: &Family, tool: Tool, copy: usize) -> Result<Attached> {
     let binary = bench.target.display().to_string();
-    let attached = match tool {
+    Ok(match tool {
         Tool::None => Attached::Nothing,
         Tool::Floor | Tool::FloorMulti => {
             let mechanism = if tool == Tool::Floor {
@@ -133,10 +140,12 @@ fn measure(bench: &Bench, family: &Family, tool: Tool) -> Result<f64> {
             } else {
                 Mechanism::UprobeMulti
             };
-            let entry = floor::function(&bench.target, &family.entry)?;
+            let entry = floor::function(&bench.target, &copy_name(&family.entry, copy))?;
             let end = match &family.exit {
                 None => Probe::ret(entry.file_offset),
-                Some(exit) => Probe::entry(floor::function(&bench.target, exit)?.file_offset),
+                Some(exit) => Probe::entry(
+                    floor::function(&bench.target, &copy_name(exit, copy))?.file_offset,
+                ),
             };
             Attached::Floor(floor::attach(
                 mechanism,
@@ -145,23 +154,44 @@ fn measure(bench: &Bench, family: &Family, tool: Tool) -> Result<f64> {
                 Some(pid),
             )?)
         }
-        Tool::Dogslow => Attached::Tool(bench.start_dogslow(&dogslow_args(pid, family))?),
+        Tool::Dogslow => Attached::Tool(bench.start_dogslow(&dogslow_args(pid, family, copy))?),
         Tool::Bpftrace => {
-            Attached::Tool(bench.start_bpftrace(pid, &bpftrace_program(&binary, family))?)
+            Attached::Tool(bench.start_bpftrace(pid, &bpftrace_program(&binary, family, copy))?)
         }
-    };
+    })
+}
+
+/// One round of one family: every tool attached at once, each to its own
+/// copy (rotated by `round`), calls interleaved; ns per call by tool.
+fn measure(bench: &Bench, family: &Family, round: usize) -> Result<BTreeMap<Tool, f64>> {
+    let mut target = bench.start_target(&["loop"])?;
+    let pid = target.pid();
+    let copy_of = |index: usize| (index + round) % COPIES;
+    let mut attached = Vec::new();
+    for (index, tool) in TOOLS.iter().enumerate() {
+        attached.push(
+            attach(bench, pid, family, *tool, copy_of(index))
+                .with_context(|| format!("attaching {tool:?}"))?,
+        );
+    }
     let settings = &bench.settings;
-    // The warm-up also takes the first hit, which is when 6.18 rewrites a
+    // The warm-up also takes the first hits, which is when 6.18 rewrites a
     // NOP-5 probe into a call.
     run_calls(&mut target, &family.func, settings.warmup_ms)?;
-    let ns = run_calls(&mut target, &family.func, settings.overhead_ms)?;
-    if let Attached::Tool(mut tool_proc) = attached {
-        if !tool_proc.is_running() {
-            bail!("exited during the measurement: {}", tool_proc.why());
+    let per_copy = run_calls(&mut target, &family.func, settings.overhead_ms)?;
+    for tool in attached {
+        if let Attached::Tool(mut tool_proc) = tool {
+            if !tool_proc.is_running() {
+                bail!("exited during the measurement: {}", tool_proc.why());
+            }
+            tool_proc.stop(Duration::from_secs(10));
         }
-        tool_proc.stop(Duration::from_secs(10));
     }
-    Ok(ns)
+    Ok(TOOLS
+        .iter()
+        .enumerate()
+        .map(|(index, tool)| (*tool, per_copy[copy_of(index)]))
+        .collect())
 }
 
 /// Per-round measurements of one family: tool -> ns per call, by round.
@@ -173,12 +203,9 @@ pub fn run(bench: &Bench) -> Result<Section> {
     let mut results: Vec<Rounds> = families.iter().map(|_| Rounds::new()).collect();
     for round in 0..settings.overhead_rounds {
         for (family, rounds) in families.iter().zip(&mut results) {
-            // Rotate the order each round so drift on the machine does not
-            // always favour the same tool.
-            for offset in 0..TOOLS.len() {
-                let tool = TOOLS[(round + offset) % TOOLS.len()];
-                let ns = measure(bench, family, tool)
-                    .with_context(|| format!("{tool:?} on {}", family.entry))?;
+            let measured =
+                measure(bench, family, round).with_context(|| format!("{}_N", family.entry))?;
+            for (tool, ns) in measured {
                 rounds.entry(tool).or_default().push(ns);
             }
         }
@@ -215,13 +242,18 @@ fn section(bench: &Bench, families: &[Family], results: &[Rounds]) -> Section {
     let mut section = Section::new(TITLE);
     section.method = vec![
         format!(
-            "The bench target calls a request function in a loop for {} ms (after a {} ms warm-up \
-             that also takes the first probe hit) and reports the mean time per request. Every \
-             measurement starts a fresh target; each tool attaches to that process only. \
-             {} rounds; each round runs every tool on every form, in an order rotated per round. \
-             Costs are per-round differences against no probes; ratios are taken per round and \
-             then summarized.",
-            settings.overhead_ms, settings.warmup_ms, settings.overhead_rounds
+            "The bench target has five identical copies of each request function. In each round \
+             every tool attaches at once to the one target process, each to its own copy \
+             (rotated every round; one copy stays unprobed), and the target calls the five \
+             copies in turn, a batch of 64 calls each, for {} ms after a {} ms warm-up that \
+             also takes the first probe hits. A tool's time per request is the median of its \
+             copy's batches. So every tool is measured in the same milliseconds as the \
+             baseline and the others, which cancels the drift of a shared machine. {} rounds; \
+             costs are per-round differences against the unprobed copy, and ratios are taken \
+             per round, then summarized.",
+            settings.warmup_ms.max(settings.overhead_ms),
+            settings.warmup_ms,
+            settings.overhead_rounds
         ),
         "**Kernel floor**: the bench's own empty BPF program (`r0 = 0; exit`) on the same uprobe \
          and uretprobe (or the two uprobes), attached exactly as aya attaches dogslow's \
@@ -256,22 +288,22 @@ fn section(bench: &Bench, families: &[Family], results: &[Rounds]) -> Section {
         .chain([
             format!("gcc -no-pie -pthread -o {target} *.o"),
             format!("{target} loop   # then: run FUNC MS"),
-            "dogslow attach --pid <target> --entry bench_request --timeout 1h".to_owned(),
-            "dogslow attach --pid <target> --entry bench_begin --exit bench_end --timeout 1h"
+            "dogslow attach --pid <target> --entry bench_request_N --timeout 1h".to_owned(),
+            "dogslow attach --pid <target> --entry bench_begin_N --exit bench_end_N --timeout 1h"
                 .to_owned(),
             format!(
                 "bpftrace -p <target> -e '{}'",
-                bpftrace_program(&target, &families[0])
+                bpftrace_program(&target, &families[0], 0).replace("_0", "_N")
             ),
             format!(
                 "bpftrace -p <target> -e '{}'",
-                bpftrace_program(&target, &families[1])
+                bpftrace_program(&target, &families[1], 0).replace("_0", "_N")
             ),
         ])
         .collect();
 
     let mut per_call = Table::new(
-        "Time per request, ns (the loop's own cost included):",
+        "Time per request, ns (the loop's and the batch timing's own cost included):",
         &[
             "request form",
             "entry instruction",

@@ -96,7 +96,17 @@ const CLIENTS: usize = 4;
 const THREADS: usize = 2;
 const SCALE: u32 = 1;
 /// How long each configuration stays in place during the pgbench run.
-const SEGMENT: Duration = Duration::from_secs(4);
+const SEGMENT: Duration = Duration::from_secs(2);
+
+/// The server runs on CPU 0 and pgbench on CPU 1 when there are two or
+/// more: left to the scheduler, the placement of seven busy processes on
+/// two CPUs swings throughput between two levels far apart, which buries
+/// what is measured.
+fn server_cpu() -> Option<usize> {
+    std::thread::available_parallelism()
+        .is_ok_and(|n| n.get() >= 2)
+        .then_some(0)
+}
 
 /// A PostgreSQL installation (Debian: /usr/lib/postgresql/VERSION/bin).
 pub struct PgInstall {
@@ -207,6 +217,7 @@ impl Cluster {
                 // Fast shutdown: disconnect clients, stop.
                 stop_signal: Some(libc::SIGINT),
                 credentials: Some((pg.uid, pg.gid)),
+                cpu: server_cpu(),
             },
         )?;
         server.wait_stderr(
@@ -384,7 +395,7 @@ fn measure(
     let postmaster = cluster
         .postmaster_pid()
         .context("postgres is not running")?;
-    let mut pgbench = Proc::spawn(
+    let mut pgbench = Proc::spawn_with(
         "pgbench",
         cluster.client(pg, "pgbench").args([
             "-S",
@@ -397,8 +408,13 @@ fn measure(
             &total.as_secs().to_string(),
             "-P",
             "1",
+            "--progress-timestamp",
             "bench",
         ]),
+        SpawnOptions {
+            cpu: server_cpu().map(|_| 1),
+            ..SpawnOptions::default()
+        },
     )?;
     let backends = wait_for_backends(postmaster, &mut pgbench)?;
     // Let connections settle before the first segment.
@@ -485,7 +501,9 @@ pub fn run(bench: &Bench) -> Result<Section> {
     let postgres = pg.bin.join("postgres");
     section.method = vec![
         format!(
-            "A throwaway PostgreSQL cluster (Unix socket only, `fsync=off`), scale {SCALE}; one \
+            "A throwaway PostgreSQL cluster (Unix socket only, `fsync=off`; the server pinned \
+             to CPU 0 and pgbench to CPU 1, since the scheduler's placement otherwise swings \
+             throughput between two levels), scale {SCALE}; one \
              `pgbench -S` (select-only) run with {CLIENTS} clients and {THREADS} threads, \
              progress every second. While it runs, four configurations take turns for {} s \
              each: not attached; the kernel floor (the empty program on the same probes, \
@@ -504,7 +522,7 @@ pub fn run(bench: &Bench) -> Result<Section> {
             "initdb -U postgres --auth=trust -D DIR; postgres -D DIR -k SOCKET -p PORT -c listen_addresses= -c fsync=off; pgbench -i -q -s {SCALE} bench"
         ),
         format!(
-            "pgbench -h SOCKET -p PORT -U postgres -S -n -c {CLIENTS} -j {THREADS} -T {} -P 1 bench",
+            "pgbench -h SOCKET -p PORT -U postgres -S -n -c {CLIENTS} -j {THREADS} -T {} -P 1 --progress-timestamp bench",
             ((SEGMENT + Duration::from_secs(3)) * (settings.pg_cycles * CONFIGS.len()) as u32)
                 .as_secs()
                 + 30

@@ -176,6 +176,8 @@ pub struct SpawnOptions {
     pub stop_signal: Option<i32>,
     /// Run as this user and group (postgres refuses to run as root).
     pub credentials: Option<(libc::uid_t, libc::gid_t)>,
+    /// Run on this CPU only (children inherit it).
+    pub cpu: Option<usize>,
 }
 
 /// A child process that is stopped when dropped.
@@ -197,6 +199,7 @@ impl Proc {
     pub fn spawn_with(name: &str, command: &mut Command, options: SpawnOptions) -> Result<Self> {
         let stop_signal = options.stop_signal.unwrap_or(libc::SIGTERM);
         let credentials = options.credentials;
+        let cpu = options.cpu;
         command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -211,6 +214,14 @@ impl Proc {
                         || libc::setuid(uid) != 0)
                 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if let Some(cpu) = cpu {
+                    // SAFETY: a zeroed cpu_set_t is a valid empty set.
+                    let mut set: libc::cpu_set_t = std::mem::zeroed();
+                    libc::CPU_SET(cpu, &mut set);
+                    if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 // After setuid, which clears it: the child dies with the bench.
                 if libc::prctl(libc::PR_SET_PDEATHSIG, stop_signal as libc::c_ulong) != 0 {

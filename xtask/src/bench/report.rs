@@ -89,6 +89,7 @@ pub struct RunInfo {
     pub mode: String,
     pub duration: String,
     pub load: String,
+    pub load_end: String,
 }
 
 fn met_text(met: Option<bool>) -> &'static str {
@@ -139,7 +140,10 @@ pub fn markdown(info: &RunInfo, sections: &[Section]) -> String {
     machine.row(vec!["CPU model".into(), info.cpu_model.clone()]);
     machine.row(vec!["memory".into(), info.memory.clone()]);
     machine.row(vec!["kernel".into(), info.kernel.clone()]);
-    machine.row(vec!["load average at start".into(), info.load.clone()]);
+    machine.row(vec![
+        "load average (1, 5, 15 min) at start / end".into(),
+        format!("{} / {}", info.load, info.load_end),
+    ]);
     for (tool, version) in &info.tools {
         machine.row(vec![tool.clone(), version.clone()]);
     }
