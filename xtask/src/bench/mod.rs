@@ -42,7 +42,8 @@ pub struct Settings {
     pub switch_ms: u64,
     pub unwind_runs: usize,
     pub unwind_warm_iterations: usize,
-    /// Cycles of (not attached, floor, dogslow) turns in the pgbench run.
+    /// Cycles of turns (each configuration once, between not-attached
+    /// turns) in the pgbench run.
     pub pg_cycles: usize,
 }
 
@@ -74,7 +75,7 @@ impl Settings {
                 switch_ms: 1000,
                 unwind_runs: 7,
                 unwind_warm_iterations: 200,
-                pg_cycles: 16,
+                pg_cycles: 12,
             }
         }
     }

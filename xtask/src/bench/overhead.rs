@@ -357,12 +357,12 @@ fn section(bench: &Bench, families: &[Family], results: &[Rounds]) -> Section {
         let label = format!("{}, entry {}", short_form(family), short_entry(family));
         section.checks.push(Check::new(
             &format!("dogslow ≤ 1.05 × kernel floor ({label})"),
-            format!("{}×", show(vs_floor, 2)),
+            format!("{}×", show(vs_floor, 3)),
             vs_floor.map(|s| s.median <= 1.05),
         ));
         section.checks.push(Check::new(
             &format!("dogslow ≤ bpftrace ({label})"),
-            format!("{}×", show(vs_bpftrace, 2)),
+            format!("{}×", show(vs_bpftrace, 3)),
             vs_bpftrace.map(|s| s.median <= 1.0),
         ));
         family_costs.push((

@@ -348,11 +348,10 @@ fn attach(bench: &Bench, config: Config, postgres: &Path, backends: &[u32]) -> R
     })
 }
 
-/// When one configuration was in place during the pgbench run.
-struct Segment {
-    cycle: usize,
+/// One turn of a configuration during the pgbench run.
+struct Turn {
     config: usize,
-    /// Realtime ns: attached (or, for not attached, the segment began) ...
+    /// Realtime ns: attached (or, for not attached, the turn began) ...
     from_ns: u64,
     /// ... and detached.
     to_ns: u64,
@@ -378,19 +377,35 @@ fn wait_for_backends(postmaster: u32, pgbench: &mut Proc) -> Result<Vec<u32>> {
     Ok(found)
 }
 
-/// One long pgbench run during which the configurations take turns, in
-/// segments of `SEGMENT`, in an order rotated per cycle; returns, per cycle
-/// and configuration, the mean tps of the progress seconds that fell wholly
-/// inside the configuration's segment.
-fn measure(
-    bench: &Bench,
-    pg: &PgInstall,
-    cluster: &mut Cluster,
-) -> Result<Vec<[f64; CONFIGS.len()]>> {
-    let cycles = bench.settings.pg_cycles;
+/// The order of turns: not attached before and after every other
+/// configuration's turn, the others in an order rotated per cycle.
+fn schedule(cycles: usize) -> Vec<usize> {
+    let others = CONFIGS.len() - 1;
+    let mut order = vec![0];
+    for cycle in 0..cycles {
+        for offset in 0..others {
+            order.push(1 + (cycle + offset) % others);
+            order.push(0);
+        }
+    }
+    order
+}
+
+/// Per configuration, the throughput of each of its turns and, for all but
+/// not attached, each turn's ratio (%) to the mean of the not-attached
+/// turns right before and after it.
+struct Measured {
+    tps: Vec<Vec<f64>>,
+    ratios: Vec<Vec<f64>>,
+}
+
+/// One long pgbench run during which the configurations take `SEGMENT`
+/// turns; a turn's throughput is the mean of the progress seconds that fell
+/// wholly inside it.
+fn measure(bench: &Bench, pg: &PgInstall, cluster: &mut Cluster) -> Result<Measured> {
+    let order = schedule(bench.settings.pg_cycles);
     // Long enough for every turn and its attaching; stopped after the last.
-    let turns = (cycles * CONFIGS.len()) as u32;
-    let total = (SEGMENT + Duration::from_secs(3)) * turns + Duration::from_secs(30);
+    let total = (SEGMENT + Duration::from_secs(3)) * order.len() as u32 + Duration::from_secs(30);
     let postgres = pg.bin.join("postgres");
     let postmaster = cluster
         .postmaster_pid()
@@ -417,86 +432,79 @@ fn measure(
         },
     )?;
     let backends = wait_for_backends(postmaster, &mut pgbench)?;
-    // Let connections settle before the first segment.
+    // Let connections settle before the first turn.
     proc::sleep(Duration::from_secs(1))?;
-    let mut segments = Vec::new();
-    for cycle in 0..cycles {
-        for offset in 0..CONFIGS.len() {
-            let config = (cycle + offset) % CONFIGS.len();
-            let attached = attach(bench, CONFIGS[config], &postgres, &backends)
-                .with_context(|| CONFIGS[config].name())?;
-            let from_ns = proc::realtime_ns();
-            proc::sleep(SEGMENT)?;
-            let to_ns = proc::realtime_ns();
-            attached.detach().with_context(|| CONFIGS[config].name())?;
-            if !pgbench.is_running() {
-                bail!("pgbench ended early: {}", pgbench.why());
-            }
-            segments.push(Segment {
-                cycle,
-                config,
-                from_ns,
-                to_ns,
-            });
+    let mut turns = Vec::new();
+    for &config in &order {
+        let attached = attach(bench, CONFIGS[config], &postgres, &backends)
+            .with_context(|| CONFIGS[config].name())?;
+        let from_ns = proc::realtime_ns();
+        proc::sleep(SEGMENT)?;
+        let to_ns = proc::realtime_ns();
+        attached.detach().with_context(|| CONFIGS[config].name())?;
+        if !pgbench.is_running() {
+            bail!("pgbench ended early: {}", pgbench.why());
         }
+        turns.push(Turn {
+            config,
+            from_ns,
+            to_ns,
+        });
     }
     pgbench.stop(Duration::from_secs(10));
-    // "progress: 5.0 s, 12345.6 tps, lat 0.321 ms stddev 0.100, 0 failed",
-    // printed as each second ends: the second is [read - 1 s, read].
+    // "progress: 1795756529.868 s, 12345.6 tps, lat 0.321 ms stddev 0.100, 0 failed"
+    // (--progress-timestamp): the second that ended at that wall-clock time.
     let seconds: Vec<(u64, f64)> = pgbench
         .stderr
         .snapshot()
         .iter()
         .filter_map(|l| {
-            let rest = l.text.strip_prefix("progress: ")?;
-            let tps: f64 = rest
-                .split(", ")
-                .nth(1)?
-                .trim_end_matches(" tps")
-                .parse()
-                .ok()?;
-            Some((l.read_ns, tps))
+            let mut fields = l.text.strip_prefix("progress: ")?.split(", ");
+            let end_s: f64 = fields.next()?.trim_end_matches(" s").parse().ok()?;
+            let tps: f64 = fields.next()?.trim_end_matches(" tps").parse().ok()?;
+            Some(((end_s * 1e9) as u64, tps))
         })
         .collect();
-    let mut results = vec![[f64::NAN; CONFIGS.len()]; cycles];
-    for segment in &segments {
+    let mut turn_tps = Vec::with_capacity(turns.len());
+    for (index, turn) in turns.iter().enumerate() {
         let inside: Vec<f64> = seconds
             .iter()
             .filter(|(end, _)| {
-                end.saturating_sub(1_000_000_000) >= segment.from_ns && *end <= segment.to_ns
+                end.saturating_sub(1_000_000_000) >= turn.from_ns && *end <= turn.to_ns
             })
             .map(|(_, tps)| *tps)
             .collect();
         if inside.is_empty() {
             bail!(
-                "no whole progress second inside the {} segment of cycle {}",
-                CONFIGS[segment.config].name(),
-                segment.cycle + 1
+                "no whole progress second inside turn {} ({})",
+                index + 1,
+                CONFIGS[turn.config].name()
             );
         }
-        results[segment.cycle][segment.config] = inside.iter().sum::<f64>() / inside.len() as f64;
+        turn_tps.push(inside.iter().sum::<f64>() / inside.len() as f64);
     }
-    Ok(results)
+    let mut measured = Measured {
+        tps: vec![Vec::new(); CONFIGS.len()],
+        ratios: vec![Vec::new(); CONFIGS.len()],
+    };
+    for (index, turn) in turns.iter().enumerate() {
+        measured.tps[turn.config].push(turn_tps[index]);
+        if turn.config != 0 {
+            // schedule() puts a not-attached turn on both sides.
+            let around = (turn_tps[index - 1] + turn_tps[index + 1]) / 2.0;
+            measured.ratios[turn.config].push(turn_tps[index] / around * 100.0);
+        }
+    }
+    Ok(measured)
 }
 
 pub fn run(bench: &Bench) -> Result<Section> {
     let pg = find_install()?;
     let mut cluster = Cluster::start(&pg)?;
     let settings = &bench.settings;
-    let cycles = measure(bench, &pg, &mut cluster)?;
+    let measured = measure(bench, &pg, &mut cluster)?;
     drop(cluster);
-
-    let results: Vec<Vec<f64>> = (0..CONFIGS.len())
-        .map(|config| cycles.iter().map(|cycle| cycle[config]).collect())
-        .collect();
-    let baseline = results[0].clone();
-    let ratio = |values: &[f64]| -> Vec<f64> {
-        values
-            .iter()
-            .zip(&baseline)
-            .map(|(v, b)| v / b * 100.0)
-            .collect()
-    };
+    let ratio = |config: usize| Summary::of(&measured.ratios[config]);
     let mut section = Section::new(TITLE);
     let postgres = pg.bin.join("postgres");
     section.method = vec![
@@ -505,13 +513,14 @@ pub fn run(bench: &Bench) -> Result<Section> {
              to CPU 0 and pgbench to CPU 1, since the scheduler's placement otherwise swings \
              throughput between two levels), scale {SCALE}; one \
              `pgbench -S` (select-only) run with {CLIENTS} clients and {THREADS} threads, \
-             progress every second. While it runs, four configurations take turns for {} s \
-             each: not attached; the kernel floor (the empty program on the same probes, \
-             attached as aya attaches dogslow's: per-process perf events); the same empty \
-             program through uprobe_multi links; and dogslow. {} cycles, order rotated per cycle. Throughput of a turn is the mean of \
-             the progress seconds wholly inside it (attaching is outside). Taking turns inside \
-             one run cancels the slow drifts of a shared machine that separate runs suffer. \
-             Ratios are per cycle against not attached.",
+             progress every second. While it runs, configurations take turns of {} s: the \
+             kernel floor (the empty program on the same probes, attached as aya attaches \
+             dogslow's: per-process perf events), the same empty program through uprobe_multi \
+             links, and dogslow, each turn with a not-attached turn right before and after it; \
+             {} cycles, order rotated per cycle. A turn's throughput is the mean of the progress \
+             seconds wholly inside it (attaching and detaching are outside); its ratio is to the \
+             mean of the two not-attached turns around it, so the drift of a shared machine \
+             cancels as far as it can.",
             SEGMENT.as_secs(),
             settings.pg_cycles
         ),
@@ -537,66 +546,70 @@ pub fn run(bench: &Bench) -> Result<Section> {
     ];
     let mut table = Table::new(
         "",
-        &["configuration", "transactions/s", "% of not attached"],
+        &[
+            "configuration",
+            "transactions/s",
+            "% of the not-attached turns around it",
+        ],
     );
-    for (config, values) in CONFIGS.iter().zip(&results) {
+    for (index, config) in CONFIGS.iter().enumerate() {
         table.row(vec![
             config.name().to_owned(),
-            show(Summary::of(values), 0),
+            show(Summary::of(&measured.tps[index]), 0),
             if *config == Config::NotAttached {
                 "100".into()
             } else {
-                show(Summary::of(&ratio(values)), 1)
+                show(ratio(index), 1)
             },
         ]);
     }
     section.tables.push(table);
-    let dogslow = Summary::of(&ratio(&results[3]));
-    let floor_ratio = Summary::of(&ratio(&results[1]));
-    let multi_ratio = Summary::of(&ratio(&results[2]));
+    let (floor_ratio, multi_ratio, dogslow) = (ratio(1), ratio(2), ratio(3));
     section.checks.push(Check::new(
         "pgbench throughput with dogslow ≥ 95 % of without",
         format!("{} % (floor: {} %)", show(dogslow, 1), show(floor_ratio, 1)),
         dogslow.map(|d| d.median >= 95.0),
     ));
-    // Explaining a loss takes a few cycles and a floor that lost something.
-    let explainable = settings.pg_cycles >= 3;
-    if !explainable {
+    if settings.pg_cycles < 3 {
         section.notes.push(
-            "Too few cycles in this run to split a loss between the probes and dogslow.".into(),
+            "Too few cycles in this run to explain a difference; do not quote these numbers."
+                .into(),
         );
-    }
-    if let (Some(dogslow), Some(floor_ratio)) = (dogslow, floor_ratio)
-        && dogslow.median < 95.0
-        && explainable
-        && floor_ratio.median <= 100.0
-        && floor_ratio.median >= dogslow.median
-    {
+    } else if let (Some(dogslow), Some(floor), Some(multi)) = (dogslow, floor_ratio, multi_ratio) {
+        let baseline = Summary::of(&measured.tps[0]);
         let mut note = format!(
-            "**Below 95 %.** The kernel floor alone — empty programs on the same probes, \
-             attached as dogslow attaches them — keeps {:.1} % of the throughput: {:.1} of the \
-             {:.1} points lost are the probes' own cost, which any tool attaching the same way \
-             pays, and {:.1} are dogslow's programs (including its `sched_switch` program, which \
-             runs at every context switch of the machine) and agent.",
-            floor_ratio.median,
-            100.0 - floor_ratio.median,
-            100.0 - dogslow.median,
-            floor_ratio.median - dogslow.median
+            "Not attached, throughput ranged {} transactions/s between turns: other tenants of \
+             the machine. Medians: the kernel floor — empty programs on the same probes, \
+             attached as dogslow attaches them — keeps {:.1} %, the same through uprobe_multi \
+             links {:.1} %, dogslow {:.1} %.",
+            baseline.map_or_else(
+                || "n/a".to_owned(),
+                |b| format!("{:.0}–{:.0}", b.min, b.max)
+            ),
+            floor.median,
+            multi.median,
+            dogslow.median
         );
-        // Only when uprobe_multi beat the perf-event floor in every cycle.
-        let multi_wins = results[2]
-            .iter()
-            .zip(&results[1])
-            .all(|(multi, perf)| multi > perf);
-        if let Some(multi) = multi_ratio.filter(|m| multi_wins && m.median > floor_ratio.median) {
+        if dogslow.median < 95.0 && floor.median < 95.0 {
+            let own = floor.median - dogslow.median;
             note.push_str(&format!(
-                " The same empty programs through uprobe_multi links keep {:.1} %: the attach \
-                 mechanism alone costs {:.1} points here (item 4 measures the per-switch side of \
-                 it). aya 0.14 attaches uprobes only through perf events; creating uprobe_multi \
-                 links directly (BPF_LINK_CREATE, kernel 6.6+, as this bench does) is the largest \
-                 saving available to dogslow on a server like this one.",
-                multi.median,
-                multi.median - floor_ratio.median
+                " **Below 95 %, and so is the floor:** the probes themselves, which any tool \
+                 attaching the same way pays, cost {:.1} points; {}",
+                100.0 - floor.median,
+                if own >= 1.0 {
+                    format!(
+                        "dogslow's programs (its `sched_switch` program runs at every context \
+                         switch) and agent cost {own:.1} more."
+                    )
+                } else {
+                    "dogslow adds nothing measurable beyond them.".to_owned()
+                }
+            ));
+        } else if dogslow.median < 95.0 {
+            note.push_str(&format!(
+                " **Below 95 % while the floor is not:** {:.1} points are dogslow's own \
+                 (programs and agent), beyond the probes.",
+                floor.median - dogslow.median
             ));
         }
         section.notes.push(note);
