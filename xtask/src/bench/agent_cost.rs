@@ -295,10 +295,10 @@ pub fn run(bench: &Bench) -> Result<Section> {
         if idle.median > 0.5 {
             note.push_str(
                 " **Over the 0.5 % target.** A scan can only find something once a request may \
-                 be past its deadline: scheduling the next scan at the earliest deadline the last \
-                 one saw (or the shortest timeout from now when the map was empty: any newer request's \
-                 deadline is later) instead of every 10 ms would leave an idle agent asleep \
-                 (`scan` in dogslow-user/src/agent.rs).",
+                 be past its deadline: scheduling the next scan at the earliest deadline the \
+                 last one saw (or the shortest timeout from now when the map was empty: any \
+                 newer request's deadline is later) instead of every 10 ms would leave an idle \
+                 agent asleep (`scan` in dogslow-user/src/agent.rs).",
             );
         }
         section.notes.push(note);

@@ -357,24 +357,28 @@ struct Turn {
     to_ns: u64,
 }
 
-/// Waits until pgbench's backends exist; their PIDs.
+/// Waits until pgbench's backends exist; their PIDs. The set must be
+/// exactly one per client and the same on two looks 100 ms apart, so that a
+/// backend of an earlier connection that is still exiting is not taken.
 fn wait_for_backends(postmaster: u32, pgbench: &mut Proc) -> Result<Vec<u32>> {
-    let mut found = Vec::new();
-    for _ in 0..500 {
-        found = backends(postmaster);
-        if found.len() >= CLIENTS || !pgbench.is_running() {
+    let mut previous = Vec::new();
+    for _ in 0..100 {
+        let mut found = backends(postmaster);
+        found.sort_unstable();
+        if found.len() == CLIENTS && found == previous {
+            return Ok(found);
+        }
+        if !pgbench.is_running() {
             break;
         }
-        proc::sleep(Duration::from_millis(10))?;
+        previous = found;
+        proc::sleep(Duration::from_millis(100))?;
     }
-    if found.len() < CLIENTS {
-        bail!(
-            "found {} of pgbench's {CLIENTS} backends ({})",
-            found.len(),
-            pgbench.why()
-        );
-    }
-    Ok(found)
+    bail!(
+        "did not find pgbench's {CLIENTS} backends (last saw {}; {})",
+        previous.len(),
+        pgbench.why()
+    )
 }
 
 /// The order of turns: not attached before and after every other
