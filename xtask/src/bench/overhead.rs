@@ -328,6 +328,7 @@ fn section(bench: &Bench, families: &[Family], results: &[Rounds]) -> Section {
         ],
     );
     let mut family_costs = Vec::new();
+    let mut above_bpftrace = Vec::new();
     for (family, rounds) in families.iter().zip(results) {
         let summary = |tool| Summary::of(rounds.get(&tool).map_or(&[][..], |v| v.as_slice()));
         per_call.row(vec![
@@ -365,6 +366,21 @@ fn section(bench: &Bench, families: &[Family], results: &[Rounds]) -> Section {
             format!("{}×", show(vs_bpftrace, 3)),
             vs_bpftrace.map(|s| s.median <= 1.0),
         ));
+        let over_bpftrace: Vec<f64> = dogslow_cost
+            .iter()
+            .zip(&bpftrace_cost)
+            .map(|(d, b)| d - b)
+            .collect();
+        if vs_bpftrace.is_some_and(|r| r.median > 1.0)
+            && let Some(extra) = Summary::of(&over_bpftrace)
+        {
+            above_bpftrace.push(format!(
+                "{}, entry {}: {} ns",
+                short_form(family),
+                short_entry(family),
+                extra.show(0)
+            ));
+        }
         family_costs.push((
             family,
             Summary::of(&floor_cost),
@@ -374,6 +390,17 @@ fn section(bench: &Bench, families: &[Family], results: &[Rounds]) -> Section {
     }
     section.tables = vec![per_call, costs];
     section.notes = notes(&family_costs);
+    if !above_bpftrace.is_empty() {
+        section.notes.push(format!(
+            "**Where dogslow costs more than bpftrace** (per request, per-round difference): {}. \
+             For the same job bpftrace does one map update at the entry and one delete at the \
+             end. dogslow's entry reads the attach cookie and the target's settings, looks the \
+             thread up before inserting (to count nested calls), and bumps a per-CPU counter \
+             that nothing reads yet; its end looks the entry up, then deletes it; and its in-flight \
+             record is 56 bytes, not 8 (dogslow-ebpf/src/request.rs).",
+            above_bpftrace.join("; ")
+        ));
+    }
     section
 }
 

@@ -221,7 +221,7 @@ pub fn run(bench: &Bench) -> Result<Section> {
         section.notes.push(format!(
             "**The attach mechanism shows at the watched process's context switches.** Empty \
              probes attached through per-process perf events (aya's way, so dogslow's) add {:.0} \
-             ns per switch; the same probes through a uprobe_multi link add {:.0} ns; perf events \
+             ns per switch; the same probes through a uprobe_multi link {:+.0} ns; perf events \
              were dearer in every round. A perf event opened for a PID belongs to that thread \
              (the process's main thread; the probe itself fires in every thread), and perf \
              schedules a thread's events out and in at each of its context switches; a \
