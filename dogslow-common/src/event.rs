@@ -57,6 +57,8 @@ const _: () = assert!(core::mem::size_of::<ReturnSlot>() == 16);
 #[derive(Clone, Copy)]
 pub struct StallEvent {
     pub header: StallHeader,
+    /// Valid when `header.has_args` is non-zero.
+    pub args: crate::RequestArgs,
     pub user_stack: [u8; MAX_USER_STACK_COPY + USER_STACK_SLACK],
 }
 
@@ -85,17 +87,24 @@ pub struct StallHeader {
     pub user_stack_error: i32,
     /// Number of valid entries in `return_slots`.
     pub return_slots_len: u32,
-    pub _pad: u32,
+    /// Non-zero when `StallEvent::args` holds the request's arguments.
+    pub has_args: u32,
     pub comm: [u8; COMM_LEN],
     pub return_slots: [ReturnSlot; MAX_RETURN_SLOTS],
     pub kernel_stack: [u64; MAX_KERNEL_FRAMES],
 }
-/// Offset of the user stack bytes inside a [`StallEvent`].
+/// Size of a [`StallHeader`].
 pub const STALL_HEADER_LEN: usize = 128 + 16 * MAX_RETURN_SLOTS + 8 * MAX_KERNEL_FRAMES;
+/// Offset of the captured arguments inside a [`StallEvent`].
+pub const STALL_ARGS_OFFSET: usize = STALL_HEADER_LEN;
+/// Offset of the user stack bytes inside a [`StallEvent`].
+pub const STALL_STACK_OFFSET: usize = STALL_HEADER_LEN + core::mem::size_of::<crate::RequestArgs>();
 const _: () = assert!(core::mem::size_of::<StallHeader>() == STALL_HEADER_LEN);
-const _: () = assert!(core::mem::offset_of!(StallEvent, user_stack) == STALL_HEADER_LEN);
+const _: () = assert!(core::mem::offset_of!(StallEvent, args) == STALL_ARGS_OFFSET);
+const _: () = assert!(core::mem::offset_of!(StallEvent, user_stack) == STALL_STACK_OFFSET);
 const _: () = assert!(
-    core::mem::size_of::<StallEvent>() == STALL_HEADER_LEN + MAX_USER_STACK_COPY + USER_STACK_SLACK
+    core::mem::size_of::<StallEvent>()
+        == STALL_STACK_OFFSET + MAX_USER_STACK_COPY + USER_STACK_SLACK
 );
 
 /// `CompletionEvent::outcome` values.

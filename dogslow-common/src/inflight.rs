@@ -26,7 +26,8 @@ pub struct Inflight {
     pub off_cpu_state: u32,
     /// Non-zero once a stall report for this request reached the ring buffer.
     pub reported: u32,
-    pub _pad: u32,
+    /// Non-zero when `REQUEST_ARGS` holds this request's captured arguments.
+    pub has_args: u32,
 }
 const _: () = assert!(core::mem::size_of::<Inflight>() == 56);
 

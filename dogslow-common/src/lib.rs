@@ -6,6 +6,7 @@
 //! `TryFrom` on the user side.
 #![no_std]
 
+pub mod capture;
 pub mod event;
 pub mod inflight;
 pub mod stats;
@@ -14,6 +15,7 @@ pub mod target;
 #[cfg(feature = "user")]
 mod user;
 
+pub use capture::*;
 pub use event::*;
 pub use inflight::*;
 pub use stats::*;

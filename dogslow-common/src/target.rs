@@ -7,9 +7,11 @@ pub struct TargetConfig {
     pub timeout_ns: u64,
     /// Bit set of `TARGET_*` flags.
     pub flags: u32,
-    pub _pad: u32,
+    /// Number of valid entries in `captures`.
+    pub capture_count: u32,
+    pub captures: [crate::CaptureSpec; crate::MAX_CAPTURES],
 }
-const _: () = assert!(core::mem::size_of::<TargetConfig>() == 16);
+const _: () = assert!(core::mem::size_of::<TargetConfig>() == 16 + 32 * crate::MAX_CAPTURES);
 
 /// The request ends when the entry function returns (a uretprobe), so nested
 /// and recursive calls count into `depth`.

@@ -1,5 +1,5 @@
 //! Userspace-only impls: the records are plain old data for aya's maps.
-use crate::{CaptureSettings, Inflight, KernelOffsets, TargetConfig};
+use crate::{CaptureSettings, Inflight, KernelOffsets, RequestArgs, TargetConfig};
 
 // SAFETY: each type is `#[repr(C)]`, `Copy`, made only of integers with
 // explicit padding fields, so every bit pattern is a valid value.
@@ -10,3 +10,5 @@ unsafe impl aya::Pod for TargetConfig {}
 unsafe impl aya::Pod for KernelOffsets {}
 // SAFETY: as above.
 unsafe impl aya::Pod for CaptureSettings {}
+// SAFETY: as above (arrays of integers only).
+unsafe impl aya::Pod for RequestArgs {}

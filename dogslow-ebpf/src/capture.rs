@@ -9,8 +9,8 @@ use aya_ebpf::{
     helpers::{
         bpf_probe_read_kernel,
         generated::{
-            bpf_copy_from_user_task, bpf_get_smp_processor_id, bpf_get_stack, bpf_get_task_stack,
-            bpf_probe_read_user, bpf_task_pt_regs,
+            self, bpf_copy_from_user_task, bpf_get_smp_processor_id, bpf_get_stack,
+            bpf_get_task_stack, bpf_probe_read_user, bpf_task_pt_regs,
         },
     },
 };
@@ -21,7 +21,7 @@ use dogslow_common::{
 
 use crate::{
     kernel::{now_ns, read_field},
-    maps::{EVENTS, OFFSETS, SETTINGS, count},
+    maps::{EVENTS, OFFSETS, REQUEST_ARGS, SETTINGS, count},
 };
 
 const PAGE_SIZE: usize = 4096;
@@ -112,7 +112,20 @@ pub fn capture<A: ThreadAccess>(
         (*event).captured_ns = now_ns();
         (*event).off_cpu_since_ns = stall.off_cpu_since_ns;
         (*event).cpu = bpf_get_smp_processor_id();
-        (*event)._pad = 0;
+        (*event).has_args = 0;
+        if inflight.has_args != 0 {
+            if let Some(args) = REQUEST_ARGS.get_ptr(stall.tid) {
+                // Copied helper to record: the record is too big for the stack.
+                let copied = generated::bpf_probe_read_kernel(
+                    (&raw mut (*record_ptr).args).cast(),
+                    size_of::<dogslow_common::RequestArgs>() as u32,
+                    args.cast(),
+                );
+                if copied == 0 && (*record_ptr).args.start_ns == inflight.start_ns {
+                    (*event).has_args = 1;
+                }
+            }
+        }
 
         let regs = read_user_regs(task);
         if regs.sp == 0 {

@@ -1,23 +1,39 @@
 //! Every map and load-time global of the object, in one place.
+use aya_ebpf::bindings::BPF_F_NO_PREALLOC;
 use aya_ebpf::{
     Global,
     macros::map,
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
-use dogslow_common::{CaptureSettings, Inflight, KernelOffsets, MAX_TARGETS, TargetConfig, stat};
+use dogslow_common::{
+    CaptureSettings, Inflight, KernelOffsets, MAX_TARGETS, RequestArgs, TargetConfig, stat,
+};
 
 /// Thread id -> the request it is in. Preallocated and bounded; the agent
 /// sets the size (`--max-inflight`). A full map is counted, never silent.
 #[map]
 pub static INFLIGHT: HashMap<u32, Inflight> = HashMap::with_max_entries(16384, 0);
 
+/// Thread id -> the arguments its request captured at entry. Allocated on
+/// insert (only targets with `--capture` use it), bounded like `INFLIGHT`.
+#[map]
+pub static REQUEST_ARGS: HashMap<u32, RequestArgs> =
+    HashMap::with_max_entries(16384, BPF_F_NO_PREALLOC);
+
+/// Per-CPU scratch to build a `RequestArgs` (too big for the BPF stack).
+#[map]
+pub static ARGS_SCRATCH: PerCpuArray<RequestArgs> = PerCpuArray::with_max_entries(1, 0);
+
 /// Attach cookie -> the target's timeout and flags.
 #[map]
 pub static TARGETS: Array<TargetConfig> = Array::with_max_entries(MAX_TARGETS, 0);
 
-/// Stall captures and completion records for the agent.
+/// Stall captures and completion records for the agent: room for about 60
+/// captures, drained as they come (a full buffer delays a capture to the
+/// next tick, never loses it). The agent maps it twice over, so its size
+/// is twice in the agent's RSS.
 #[map]
-pub static EVENTS: RingBuf = RingBuf::with_byte_size(16 << 20, 0);
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
 
 /// One counter per failure path (see `dogslow_common::stat`).
 #[map]

@@ -4,19 +4,20 @@
 //! operations, no stack work.
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::BPF_ANY,
+    bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::generated::bpf_get_attach_cookie,
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
 };
 use dogslow_common::{
-    CompletionEvent, EVENT_COMPLETION, Inflight, OUTCOME_ABANDONED, OUTCOME_RETURNED,
-    TARGET_FUNCTION_SCOPED, stat,
+    CAPTURE_CONSTANT, CAPTURE_MEMORY, CAPTURE_REGISTER, CAPTURE_STR_BUF, CompletionEvent,
+    EVENT_COMPLETION, Inflight, MAX_CAPTURES, OUTCOME_ABANDONED, OUTCOME_RETURNED, PT_REGS_COUNT,
+    TARGET_FUNCTION_SCOPED, TargetConfig, stat,
 };
 
 use crate::{
     kernel::{current_ids, now_ns},
-    maps::{EVENTS, INFLIGHT, TARGETS, count},
+    maps::{ARGS_SCRATCH, EVENTS, INFLIGHT, REQUEST_ARGS, TARGETS, count},
 };
 
 #[uprobe]
@@ -27,18 +28,6 @@ pub fn request_entry(ctx: ProbeContext) -> u32 {
         return 0;
     };
     let (tid, tgid) = current_ids();
-    if let Some(inflight) = INFLIGHT.get_ptr_mut(tid) {
-        if config.flags & TARGET_FUNCTION_SCOPED != 0 {
-            // Nested or recursive call: still the outermost request.
-            // SAFETY: only this thread writes its own depth.
-            unsafe { (*inflight).depth += 1 };
-            return 0;
-        }
-        // Exit-scoped: entering again without passing the exit means the
-        // earlier request was abandoned (an error path skipped the exit).
-        // SAFETY: the pointer came from a lookup and the entry is this thread's.
-        finish(tid, unsafe { &*inflight }, OUTCOME_ABANDONED, 0, 0);
-    }
     let start_ns = now_ns();
     let inflight = Inflight {
         start_ns,
@@ -50,15 +39,47 @@ pub fn request_entry(ctx: ProbeContext) -> u32 {
         depth: 1,
         off_cpu_state: 0,
         reported: 0,
-        _pad: 0,
+        has_args: 0,
     };
-    if INFLIGHT.insert(tid, inflight, BPF_ANY as u64).is_err() {
-        count(stat::INFLIGHT_FULL);
-    } else {
-        count(stat::REQUESTS_STARTED);
+    // The common case, a thread not yet in a request, costs one insert.
+    match INFLIGHT.insert(tid, inflight, BPF_NOEXIST as u64) {
+        Ok(()) => {}
+        Err(EEXIST) => {
+            let Some(current) = INFLIGHT.get_ptr_mut(tid) else {
+                return 0;
+            };
+            if config.flags & TARGET_FUNCTION_SCOPED != 0 {
+                // Nested or recursive call: still the outermost request.
+                // SAFETY: only this thread writes its own depth.
+                unsafe { (*current).depth += 1 };
+                return 0;
+            }
+            // Exit-scoped: entering again without passing the exit means the
+            // earlier request was abandoned (an error path skipped the exit).
+            // SAFETY: the pointer came from a lookup and the entry is this thread's.
+            finish(tid, unsafe { &*current }, OUTCOME_ABANDONED, 0, 0);
+            if INFLIGHT.insert(tid, inflight, BPF_ANY as u64).is_err() {
+                count(stat::INFLIGHT_FULL);
+                return 0;
+            }
+        }
+        Err(_) => {
+            count(stat::INFLIGHT_FULL);
+            return 0;
+        }
+    }
+    count(stat::REQUESTS_STARTED);
+    if config.capture_count > 0 && capture_args(&ctx, config, tid, start_ns) {
+        if let Some(current) = INFLIGHT.get_ptr_mut(tid) {
+            // SAFETY: this thread's own entry, inserted above.
+            unsafe { (*current).has_args = 1 };
+        }
     }
     0
 }
+
+/// `-EEXIST` from a `BPF_NOEXIST` insert: the thread is already in a request.
+const EEXIST: i32 = -17;
 
 #[uretprobe]
 pub fn request_return(_ctx: RetProbeContext) -> u32 {
@@ -105,5 +126,96 @@ pub fn finish(tid: u32, inflight: &Inflight, outcome: u32, signal: u32, exit_cod
             count(stat::COMPLETION_DROPPED);
         }
     }
+    if inflight.has_args != 0 {
+        let _ = REQUEST_ARGS.remove(tid);
+    }
     let _ = INFLIGHT.remove(tid);
+}
+
+/// Records the target's `--capture` arguments for `tid`'s new request.
+/// Only targets that capture pay for this.
+#[inline(always)]
+fn capture_args(ctx: &ProbeContext, config: &TargetConfig, tid: u32, start_ns: u64) -> bool {
+    let Some(args) = ARGS_SCRATCH.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: the context of a uprobe is the probed thread's pt_regs.
+    let regs: [u64; PT_REGS_COUNT] = unsafe { *(ctx.regs as *const [u64; PT_REGS_COUNT]) };
+    // SAFETY: `args` is this CPU's scratch slot; uprobes do not nest on a CPU.
+    let args = unsafe { &mut *args };
+    args.start_ns = start_ns;
+    for (index, spec) in config.captures.iter().enumerate() {
+        if index >= config.capture_count as usize || index >= MAX_CAPTURES {
+            break;
+        }
+        let register = regs.get(spec.register as usize).copied().unwrap_or(0);
+        let raw = match spec.location {
+            CAPTURE_REGISTER => register,
+            CAPTURE_MEMORY => read_user_value(register.wrapping_add(spec.offset as u64), spec.size),
+            CAPTURE_CONSTANT => spec.offset as u64,
+            _ => 0,
+        };
+        let value = sized(raw, spec.size, spec.signed != 0);
+        args.values[index] = value;
+        args.lens[index] = 0;
+        if spec.string != 0 {
+            // Read one byte past the kept length to see whether it was cut.
+            let mut size = spec.max_len as usize + 2;
+            if size > CAPTURE_STR_BUF {
+                size = CAPTURE_STR_BUF;
+            }
+            let dst = &mut args.strings[index];
+            // SAFETY: size <= the buffer's length; the helper checks the source.
+            let read = unsafe {
+                aya_ebpf::helpers::generated::bpf_probe_read_user_str(
+                    dst.as_mut_ptr().cast(),
+                    size as u32,
+                    value as *const core::ffi::c_void,
+                )
+            };
+            args.lens[index] = if read > 0 {
+                (read - 1) as i32
+            } else {
+                read as i32
+            };
+        }
+    }
+    if REQUEST_ARGS.insert(tid, &*args, BPF_ANY as u64).is_err() {
+        count(stat::ARGS_FULL);
+        return false;
+    }
+    true
+}
+
+/// Reads a `size`-byte value from user memory (0 if unreadable).
+#[inline(always)]
+fn read_user_value(addr: u64, size: u32) -> u64 {
+    let mut value: u64 = 0;
+    let mut size = size & 15;
+    if size > 8 {
+        size = 8;
+    }
+    // SAFETY: reads at most 8 bytes into a u64; the helper checks `addr`.
+    let ret = unsafe {
+        aya_ebpf::helpers::generated::bpf_probe_read_user(
+            (&raw mut value).cast(),
+            size,
+            addr as *const core::ffi::c_void,
+        )
+    };
+    if ret < 0 { 0 } else { value }
+}
+
+/// Truncates `raw` to `size` bytes, sign-extending when asked.
+#[inline(always)]
+fn sized(raw: u64, size: u32, signed: bool) -> u64 {
+    match (size, signed) {
+        (1, false) => raw & 0xff,
+        (2, false) => raw & 0xffff,
+        (4, false) => raw & 0xffff_ffff,
+        (1, true) => raw as u8 as i8 as i64 as u64,
+        (2, true) => raw as u16 as i16 as i64 as u64,
+        (4, true) => raw as u32 as i32 as i64 as u64,
+        _ => raw,
+    }
 }

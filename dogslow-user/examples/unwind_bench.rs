@@ -1,7 +1,9 @@
-//! What one stall report costs the agent to unwind and symbolize, cold (a
-//! new unwinder and symbolizer, as for the first report) and warm (reused,
-//! as for every later one). Run by `cargo xtask bench`, which builds it with
-//! line tables so that symbolization reads DWARF like a real target's.
+//! What one stall report costs the agent to unwind and symbolize: cold (a
+//! new unwinder and symbolizer and no warm-up), the warm-up the reporter
+//! does when it first sees a process and the first report after it, and
+//! warm (reused, as for every later report). Run by `cargo xtask bench`,
+//! which builds it with line tables so that symbolization reads DWARF like
+//! a real target's.
 //!
 //! The program recurses `DEPTH` calls deep, captures its own registers and
 //! a copy of its stack there, exactly what dogslow's eBPF side records for a
@@ -88,6 +90,7 @@ fn capture_here() -> StallCapture {
         user_stack,
         user_stack_error: 0,
         return_slots: Vec::new(),
+        args: None,
     }
 }
 
@@ -131,7 +134,7 @@ fn micros(since: Instant) -> f64 {
 /// One report's worth of work, as the reporter does it.
 fn report(
     unwinder: &mut StackUnwinder,
-    symbolizer: &Symbolizer,
+    symbolizer: &mut Symbolizer,
     capture: &StallCapture,
 ) -> (Steps, Vec<String>, usize) {
     let t = Instant::now();
@@ -172,16 +175,33 @@ fn main() {
         .and_then(|a| a.parse().ok())
         .unwrap_or(100);
     let capture = recurse(DEPTH);
+    let pid = capture.pid;
 
+    // Cold: the first report with nothing parsed yet.
     let t = Instant::now();
     let mut unwinder = StackUnwinder::new();
-    let symbolizer = Symbolizer::new();
+    let mut symbolizer = Symbolizer::new();
     let construct = micros(t);
-    let (cold, names, kernel_named) = report(&mut unwinder, &symbolizer, &capture);
+    let (cold, names, kernel_named) = report(&mut unwinder, &mut symbolizer, &capture);
+
+    // What the reporter does when it first sees a process (and, for the
+    // kernel, at start), then the first report after that.
+    let mut unwinder_warmed = StackUnwinder::new();
+    let mut symbolizer_warmed = Symbolizer::new();
+    let t = Instant::now();
+    unwinder_warmed.refresh_process(pid);
+    let warmup_unwind = micros(t);
+    let t = Instant::now();
+    symbolizer_warmed.warm_process(pid);
+    let warmup_user = micros(t);
+    let t = Instant::now();
+    symbolizer_warmed.warm_kernel();
+    let warmup_kernel = micros(t);
+    let (after_warmup, ..) = report(&mut unwinder_warmed, &mut symbolizer_warmed, &capture);
 
     let mut warm = Vec::with_capacity(warm_iterations);
     for _ in 0..warm_iterations {
-        warm.push(report(&mut unwinder, &symbolizer, &capture).0);
+        warm.push(report(&mut unwinder, &mut symbolizer, &capture).0);
     }
     let warm_median = |step: fn(&Steps) -> f64| median(warm.iter().map(step).collect());
 
@@ -202,6 +222,18 @@ fn main() {
             "user_symbolize": cold.user_symbolize,
             "kernel_symbolize": cold.kernel_symbolize,
             "total": construct + cold.total(),
+        },
+        "warmup_us": {
+            "unwind": warmup_unwind,
+            "user_symbolize": warmup_user,
+            "kernel_symbolize": warmup_kernel,
+            "total": warmup_unwind + warmup_user + warmup_kernel,
+        },
+        "after_warmup_us": {
+            "unwind": after_warmup.unwind,
+            "user_symbolize": after_warmup.user_symbolize,
+            "kernel_symbolize": after_warmup.kernel_symbolize,
+            "total": after_warmup.total(),
         },
         "warm_us": {
             "unwind": warm_median(|s| s.unwind),

@@ -1,13 +1,9 @@
 //! The agent: checks, resolves and attaches the targets, then runs the event
 //! loop (ring buffer, deadline scan, process watch, signals) until told to
 //! stop, and drains every captured report before returning.
-use std::{
-    collections::BTreeSet,
-    sync::{Arc, mpsc},
-    time::Duration,
-};
+use std::{path::PathBuf, sync::mpsc, time::Duration};
 
-use dogslow_common::{TARGET_FUNCTION_SCOPED, TargetConfig, stat};
+use dogslow_common::stat;
 use thiserror::Error;
 use tokio::{
     io::{Interest, unix::AsyncFd},
@@ -16,16 +12,18 @@ use tokio::{
 };
 
 use crate::{
-    config::{AgentConfig, TargetSpec},
-    events,
-    loader::{AttachError, LoadError, LoadOptions, ProbeRole, Probes},
+    config::AgentConfig,
+    config_file, events,
+    loader::{AttachError, LoadError, LoadOptions, Probes},
+    metrics::{self, Metrics, MetricsError},
     privileges::{self, PrivilegeError},
-    procfs::{self, ProcError},
+    procfs::ProcError,
     report::Clock,
-    reporter::{Message, Reporter, TargetInfo},
-    sinks::{JsonLines, Sink},
-    targets::{self, AttachPoint, TargetError},
-    tracker::needs_off_cpu_capture,
+    reporter::{Message, Reporter},
+    sinks::{SinkError, SinkSet, smtp::PASSWORD_ENV},
+    targets::TargetError,
+    tracker::{needs_off_cpu_capture, next_scan_in},
+    watch::Watcher,
 };
 
 #[derive(Debug, Error)]
@@ -46,112 +44,42 @@ pub enum AgentError {
     Unsupported(String),
     #[error("event loop: {0}")]
     Io(#[from] std::io::Error),
-}
-
-/// One uprobe to attach for a target.
-#[derive(Clone, Debug)]
-struct PlannedProbe {
-    target: u32,
-    role: ProbeRole,
-    pid: Option<u32>,
-    point: AttachPoint,
-}
-
-/// Resolves every probe of every `--pid` target before anything is loaded,
-/// so bad input fails fast with a precise message.
-fn plan(config: &AgentConfig) -> Result<Vec<PlannedProbe>, AgentError> {
-    let mut planned = Vec::new();
-    for (index, target) in config.targets.iter().enumerate() {
-        let target_error = |source: TargetError| AgentError::Target {
-            target: target.name.clone(),
-            source,
-        };
-        if !target.binaries.is_empty() {
-            return Err(AgentError::Unsupported(
-                "--binary is not supported yet; use --pid".into(),
-            ));
-        }
-        for &pid in &target.pids {
-            // Exit probes first, so that no request starts whose end could be missed.
-            let mut roles = Vec::new();
-            match &target.exit {
-                Some(exit) => roles.push((ProbeRole::Exit, exit)),
-                None => roles.push((ProbeRole::Return, &target.entry)),
-            }
-            roles.push((ProbeRole::Entry, &target.entry));
-            for (role, spec) in roles {
-                let object = targets::object_for_pid(pid, spec).map_err(target_error)?;
-                let point = targets::resolve(&object, spec).map_err(target_error)?;
-                planned.push(PlannedProbe {
-                    target: index as u32,
-                    role,
-                    pid: Some(pid),
-                    point,
-                });
-            }
-        }
-    }
-    Ok(planned)
-}
-
-fn target_config(target: &TargetSpec) -> TargetConfig {
-    TargetConfig {
-        timeout_ns: target.timeout.as_nanos().min(u128::from(u64::MAX)) as u64,
-        flags: if target.exit.is_none() {
-            TARGET_FUNCTION_SCOPED
-        } else {
-            0
-        },
-        _pad: 0,
-    }
+    #[error(transparent)]
+    Sinks(#[from] SinkError),
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
 }
 
 /// Runs `config` until its duration ends, SIGINT/SIGTERM, or every watched
-/// process has exited.
-pub fn run(config: AgentConfig) -> Result<(), AgentError> {
+/// process has exited. With `config_path` (`dogslow run`), SIGHUP reloads
+/// the targets and outputs from that file.
+pub fn run(config: AgentConfig, config_path: Option<PathBuf>) -> Result<(), AgentError> {
     privileges::check()?;
-    let planned = plan(&config)?;
+    let metrics = Metrics::new();
+    let (tx, rx) = mpsc::channel();
+    let mut watcher = Watcher::new(config.targets.clone(), tx.clone());
+    watcher.validate()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    // Bind before loading anything: a taken port is a start-up error.
+    let listener = match config.metrics_addr {
+        Some(addr) => Some(runtime.block_on(metrics::bind(addr))?),
+        None => None,
+    };
     let mut probes = Probes::load(&LoadOptions {
         max_inflight: config.max_inflight,
         user_stack_bytes: config.user_stack_bytes,
         sample_hz: config.sample_hz,
     })?;
-    for (index, target) in config.targets.iter().enumerate() {
-        probes.set_target(index as u32, target_config(target))?;
-    }
+    release_freed_memory();
+    let sinks = SinkSet::build(&config, &metrics.mail_counters())?;
+    let reporter = Reporter::spawn(sinks, metrics.clone(), rx);
 
-    let targets: Arc<Vec<TargetInfo>> = Arc::new(
-        config
-            .targets
-            .iter()
-            .map(|t| TargetInfo {
-                name: t.name.clone(),
-                entry: t.entry.text.clone(),
-                timeout: t.timeout,
-            })
-            .collect(),
-    );
-    let sinks: Vec<Box<dyn Sink>> = vec![Box::new(JsonLines::new(std::io::stdout()))];
-    let (tx, rx) = mpsc::channel();
-    let reporter = Reporter::spawn(targets, sinks, rx);
-
-    let pids: BTreeSet<u32> = planned.iter().filter_map(|p| p.pid).collect();
-    for &pid in &pids {
-        let _ = tx.send(Message::ProcessSeen(pid));
-    }
-    let mut attached = Vec::new();
-    for probe in &planned {
-        attached.push(probes.attach_uprobe(
-            probe.role,
-            &probe.point.path,
-            probe.point.file_offset,
-            probe.pid,
-            probe.target,
-        )?);
-    }
+    watcher.attach_initial(&mut probes)?;
     eprintln!(
         "dogslow: watching {} process(es); timeout {}; reports on stdout",
-        pids.len(),
+        watcher.watched_processes(),
         config
             .targets
             .iter()
@@ -159,73 +87,217 @@ pub fn run(config: AgentConfig) -> Result<(), AgentError> {
             .collect::<Vec<_>>()
             .join(", ")
     );
+    if let Some(listener) = listener {
+        if let Ok(addr) = listener.local_addr() {
+            eprintln!("dogslow: metrics on http://{addr}/metrics, health on /healthz");
+        }
+        runtime.spawn(metrics::serve(listener, metrics.clone()));
+    }
 
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let result = runtime.block_on(event_loop(&mut probes, &config, &pids, &tx));
+    let mut agent = Agent {
+        probes: &mut probes,
+        watcher: &mut watcher,
+        config,
+        config_path,
+        tx: &tx,
+        metrics,
+    };
+    let result = runtime.block_on(agent.event_loop());
     // Close the channel so the reporter drains and finishes, then detach.
     drop(tx);
+    drop(watcher);
     let _ = reporter.join();
     drop(probes);
     result
 }
 
-async fn event_loop(
-    probes: &mut Probes,
-    config: &AgentConfig,
-    pids: &BTreeSet<u32>,
-    tx: &mpsc::Sender<Message>,
-) -> Result<(), AgentError> {
-    let ring = probes.take_events()?;
-    // SAFETY: the ring buffer owns its map fd, which stays open and the same
-    // for the AsyncFd's whole life (we never replace the inner value).
-    let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
-        .map_err(|err| AgentError::Io(err.into()))?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut scan = time::interval(config.scan_interval);
-    scan.set_missed_tick_behavior(MissedTickBehavior::Skip);
-    let mut watch = time::interval(Duration::from_secs(1));
-    watch.set_missed_tick_behavior(MissedTickBehavior::Skip);
-    let stop_at = config.duration.map(|d| Instant::now() + d);
-    let mut drops = DropReporter::default();
-    let mut capture_failed = false;
+/// The event loop's state.
+struct Agent<'a> {
+    probes: &'a mut Probes,
+    watcher: &'a mut Watcher,
+    config: AgentConfig,
+    config_path: Option<PathBuf>,
+    tx: &'a mpsc::Sender<Message>,
+    metrics: Metrics,
+}
 
-    loop {
-        tokio::select! {
-            guard = ring.readable_mut() => {
-                let mut guard = guard?;
-                drain(guard.get_inner_mut(), tx);
-                guard.clear_ready();
-            }
-            _ = scan.tick() => {
-                let inflight = probes.inflight();
-                if needs_off_cpu_capture(&inflight, Clock::boot_ns()) {
-                    if let Err(err) = probes.capture_off_cpu() {
-                        if !capture_failed {
-                            eprintln!("dogslow: {err}; blocked requests cannot be reported");
-                            capture_failed = true;
-                        }
+impl Agent<'_> {
+    async fn event_loop(&mut self) -> Result<(), AgentError> {
+        let ring = self.probes.take_events()?;
+        // SAFETY: the ring buffer owns its map fd, which stays open and the
+        // same for the AsyncFd's whole life (we never replace the inner value).
+        let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+            .map_err(|err| AgentError::Io(err.into()))?;
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        let mut terminate = signal(SignalKind::terminate())?;
+        let mut hangup = signal(SignalKind::hangup())?;
+        let tick_ns = self.config.scan_interval.as_nanos() as u64;
+        let next_scan = time::sleep(Duration::ZERO);
+        tokio::pin!(next_scan);
+        let mut watch = time::interval(Duration::from_secs(1));
+        watch.set_missed_tick_behavior(MissedTickBehavior::Skip);
+        let stop_at = self.config.duration.map(|d| Instant::now() + d);
+        let mut drops = DropCounter::default();
+        let mut capture_failed = false;
+
+        loop {
+            tokio::select! {
+                guard = ring.readable_mut() => {
+                    let mut guard = guard?;
+                    drain(guard.get_inner_mut(), self.tx, &self.metrics);
+                    guard.clear_ready();
+                }
+                () = &mut next_scan => {
+                    let inflight = self.probes.inflight();
+                    let now = Clock::boot_ns();
+                    if needs_off_cpu_capture(&inflight, now)
+                        && let Err(err) = self.probes.capture_off_cpu()
+                            && !capture_failed {
+                                eprintln!("dogslow: {err}; blocked requests cannot be reported");
+                                capture_failed = true;
+                            }
+                    let min_timeout_ns = self
+                        .watcher
+                        .min_timeout()
+                        .map_or(tick_ns, |t| t.as_nanos() as u64);
+                    let wait = next_scan_in(&inflight, now, min_timeout_ns, tick_ns);
+                    next_scan.as_mut().reset(Instant::now() + Duration::from_nanos(wait));
+                }
+                _ = watch.tick() => {
+                    drops.check(&self.probes.stats(), &self.metrics);
+                    self.watcher.rescan(self.probes);
+                    self.observe();
+                    if self.watcher.finished() {
+                        eprintln!("dogslow: every watched process has exited; stopping");
+                        break;
                     }
                 }
+                _ = hangup.recv() => {
+                    self.reload();
+                    // New targets may have shorter timeouts: look again now.
+                    next_scan.as_mut().reset(Instant::now());
+                }
+                _ = interrupt.recv() => break,
+                _ = terminate.recv() => break,
+                _ = sleep_until(stop_at) => break,
             }
-            _ = watch.tick() => {
-                drops.check(&probes.stats());
-                if !pids.is_empty() && pids.iter().all(|&pid| !procfs::process_exists(pid)) {
-                    eprintln!("dogslow: every watched process has exited; stopping");
-                    break;
+        }
+        // Captures already in the ring buffer are reports too.
+        drain(ring.get_mut(), self.tx, &self.metrics);
+        drops.check(&self.probes.stats(), &self.metrics);
+        let inflight = self.probes.inflight();
+        eprintln!(
+            "dogslow: stopping; {} request(s) in flight, {} of them reported",
+            inflight.len(),
+            inflight
+                .iter()
+                .filter(|(_, request)| request.reported != 0)
+                .count()
+        );
+        Ok(())
+    }
+
+    /// Gauges read once a second.
+    fn observe(&self) {
+        self.metrics.beat();
+        let inflight = self.probes.inflight().len();
+        self.metrics.requests_inflight.set(inflight as i64);
+        self.metrics
+            .map_fill("inflight", inflight, self.probes.inflight_capacity());
+        self.metrics.map_fill(
+            "targets",
+            self.watcher.slot_count(),
+            dogslow_common::MAX_TARGETS,
+        );
+        self.metrics
+            .watched_processes
+            .set(self.watcher.watched_processes() as i64);
+    }
+
+    /// SIGHUP: re-reads the config file. A file that does not check out
+    /// changes nothing; unchanged targets keep their probes and requests.
+    fn reload(&mut self) {
+        let Some(path) = self.config_path.clone() else {
+            eprintln!(
+                "dogslow: SIGHUP ignored: there is no config file to reload (dogslow run --config reloads)"
+            );
+            return;
+        };
+        let new = match config_file::load(&path, std::env::var(PASSWORD_ENV).ok()) {
+            Ok(new) => new,
+            Err(err) => {
+                eprintln!("dogslow: reload refused, keeping the running configuration: {err}");
+                return;
+            }
+        };
+        let restart_only = [
+            ("sample_hz", new.sample_hz != self.config.sample_hz),
+            ("max_inflight", new.max_inflight != self.config.max_inflight),
+            (
+                "user_stack_bytes",
+                new.user_stack_bytes != self.config.user_stack_bytes,
+            ),
+            ("metrics_addr", new.metrics_addr != self.config.metrics_addr),
+        ];
+        for (key, changed) in restart_only {
+            if changed {
+                eprintln!(
+                    "dogslow: reload: [agent] {key} changes only on restart; keeping the running value"
+                );
+            }
+        }
+        let outputs_changed = new.output != self.config.output
+            || new.targets.iter().any(|t| {
+                self.config
+                    .targets
+                    .iter()
+                    .find(|o| o.name == t.name)
+                    .map(|o| &o.output)
+                    != Some(&t.output)
+            });
+        if outputs_changed {
+            let mut with_new_outputs = self.config.clone();
+            with_new_outputs.output = new.output.clone();
+            with_new_outputs.targets = new.targets.clone();
+            match SinkSet::build(&with_new_outputs, &self.metrics.mail_counters()) {
+                Ok(sinks) => {
+                    let _ = self.tx.send(Message::Sinks(Box::new(sinks)));
+                }
+                Err(err) => {
+                    eprintln!("dogslow: reload refused, keeping the running configuration: {err}");
+                    return;
                 }
             }
-            _ = interrupt.recv() => break,
-            _ = terminate.recv() => break,
-            _ = sleep_until(stop_at) => break,
+        }
+        match self.watcher.reload(self.probes, new.targets.clone()) {
+            Ok(summary) => {
+                eprintln!(
+                    "dogslow: reloaded {}: {} target(s) kept, {} added, {} removed{}",
+                    path.display(),
+                    summary.kept,
+                    summary.added,
+                    summary.removed,
+                    if outputs_changed { "; new outputs" } else { "" }
+                );
+                self.config.targets = new.targets;
+                self.config.output = new.output;
+            }
+            Err(err) => {
+                self.metrics.attach_errors.inc();
+                eprintln!("dogslow: reload refused, keeping the running targets: {err}");
+            }
         }
     }
-    // Captures already in the ring buffer are reports too.
-    drain(ring.get_mut(), tx);
-    drops.check(&probes.stats());
-    Ok(())
+}
+
+/// Loading parses the kernel's BTF (tens of megabytes, freed after the
+/// load); hand those pages back so a long-running agent does not keep them.
+fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only returns free heap pages to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 async fn sleep_until(at: Option<Instant>) {
@@ -235,43 +307,65 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-fn drain(ring: &mut aya::maps::RingBuf<aya::maps::MapData>, tx: &mpsc::Sender<Message>) {
+fn drain(
+    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
+    tx: &mpsc::Sender<Message>,
+    metrics: &Metrics,
+) {
     while let Some(record) = ring.next() {
         match events::decode(&record) {
             Ok(event) => {
                 let _ = tx.send(Message::Event(event));
             }
-            Err(err) => eprintln!("dogslow: dropping an undecodable record: {err}"),
+            Err(err) => {
+                metrics.drop_by("undecodable", 1);
+                eprintln!("dogslow: dropping an undecodable record: {err}");
+            }
         }
     }
 }
 
-/// Says on stderr when the kernel side had to drop something.
+/// Says on stderr, and in the metrics, when the kernel side had to drop
+/// something; also carries the kernel's request count into the metrics.
 #[derive(Default)]
-struct DropReporter {
+struct DropCounter {
     seen: [u64; stat::COUNT as usize],
 }
 
-impl DropReporter {
-    fn check(&mut self, stats: &[u64; stat::COUNT as usize]) {
+impl DropCounter {
+    fn check(&mut self, stats: &[u64; stat::COUNT as usize], metrics: &Metrics) {
+        let started = stat::REQUESTS_STARTED as usize;
+        metrics
+            .requests_started
+            .inc_by(stats[started].saturating_sub(self.seen[started]));
+        self.seen[started] = stats[started];
         let explain = [
             (
                 stat::INFLIGHT_FULL,
+                "inflight_full",
                 "requests were not tracked because the in-flight map was full (raise --max-inflight)",
             ),
             (
                 stat::RINGBUF_FULL,
+                "ringbuf_full",
                 "stall captures waited for room in the ring buffer (they are retried)",
             ),
             (
                 stat::COMPLETION_DROPPED,
+                "completion_dropped",
                 "completion records were dropped: the ring buffer was full",
             ),
         ];
-        for (index, text) in explain {
+        for (index, reason, text) in explain {
             let index = index as usize;
             if stats[index] > self.seen[index] {
-                eprintln!("dogslow: {} {text}", stats[index] - self.seen[index]);
+                let new = stats[index] - self.seen[index];
+                eprintln!("dogslow: {new} {text}");
+                if index == stat::RINGBUF_FULL as usize {
+                    metrics.capture_retries.inc_by(new);
+                } else {
+                    metrics.drop_by(reason, new);
+                }
                 self.seen[index] = stats[index];
             }
         }

@@ -2,13 +2,12 @@
 //! "did you mean" suggestions), virtual address to file offset, and sections.
 use std::{
     fs, io,
-    ops::Range,
     path::{Path, PathBuf},
     sync::Arc,
 };
 
 use memmap2::Mmap;
-use object::{Object as _, ObjectSection as _, ObjectSegment as _, ObjectSymbol as _, SymbolKind};
+use object::{Object as _, ObjectSegment as _, ObjectSymbol as _, SymbolKind};
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -86,11 +85,6 @@ impl ElfImage {
     /// The whole file.
     pub fn bytes(&self) -> &[u8] {
         &self.data
-    }
-
-    /// The mapping, shared (for section data that outlives this image).
-    pub fn shared_bytes(&self) -> Arc<Mmap> {
-        Arc::clone(&self.data)
     }
 
     fn parse(&self) -> Result<object::File<'_>, ElfError> {
@@ -209,29 +203,6 @@ impl ElfImage {
     pub fn vaddr_to_offset(&self, vaddr: u64) -> Option<u64> {
         vaddr_to_offset(&self.parse().ok()?, vaddr)
     }
-
-    /// The SVMA range and file range of section `name`.
-    pub fn section(&self, name: &str) -> Option<Section> {
-        let file = self.parse().ok()?;
-        let section = file.section_by_name(name)?;
-        let (offset, size) = section.file_range()?;
-        Some(Section {
-            svma: section.address()..section.address() + section.size(),
-            file_range: offset as usize..(offset + size) as usize,
-        })
-    }
-
-    /// The GNU build id, when the image has one.
-    pub fn build_id(&self) -> Option<Vec<u8>> {
-        self.parse().ok()?.build_id().ok()?.map(<[u8]>::to_vec)
-    }
-}
-
-/// A section's stated addresses and where its bytes are in the file.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Section {
-    pub svma: Range<u64>,
-    pub file_range: Range<usize>,
 }
 
 fn vaddr_to_offset(file: &object::File<'_>, vaddr: u64) -> Option<u64> {

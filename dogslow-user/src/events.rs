@@ -3,8 +3,9 @@
 use dogslow_common::{
     CompletionEvent, EVENT_COMPLETION, EVENT_STALL, MAX_KERNEL_FRAMES, MAX_RETURN_SLOTS,
     MAX_USER_STACK_COPY, OUTCOME_ABANDONED, OUTCOME_EXECED, OUTCOME_KILLED, OUTCOME_PROCESS_EXITED,
-    OUTCOME_RETURNED, OUTCOME_THREAD_EXITED, ReturnSlot, SOURCE_OFF_CPU, SOURCE_SAMPLER,
-    STALL_HEADER_LEN, STATE_BLOCKED, STATE_RUNNING, StallHeader, UserRegs,
+    OUTCOME_RETURNED, OUTCOME_THREAD_EXITED, RequestArgs, ReturnSlot, SOURCE_OFF_CPU,
+    SOURCE_SAMPLER, STALL_ARGS_OFFSET, STALL_STACK_OFFSET, STATE_BLOCKED, STATE_RUNNING,
+    StallHeader, UserRegs,
 };
 use thiserror::Error;
 
@@ -135,6 +136,8 @@ pub struct StallCapture {
     /// Negative errno that ended the stack copy early, or 0.
     pub user_stack_error: i32,
     pub return_slots: Vec<ReturnSlot>,
+    /// The request's captured arguments, when its target has `--capture`.
+    pub args: Option<Box<RequestArgs>>,
 }
 
 /// A reported request that ended.
@@ -185,8 +188,17 @@ fn read_record<T: Copy>(bytes: &[u8], kind: u32) -> Result<T, DecodeError> {
 fn decode_stall(bytes: &[u8]) -> Result<StallCapture, DecodeError> {
     let event: StallHeader = read_record(bytes, EVENT_STALL)?;
     let stack_len = (event.user_stack_len as usize).min(MAX_USER_STACK_COPY);
+    let args = if event.has_args != 0 {
+        let args_bytes = bytes.get(STALL_ARGS_OFFSET..).unwrap_or_default();
+        Some(Box::new(read_record::<RequestArgs>(
+            args_bytes,
+            EVENT_STALL,
+        )?))
+    } else {
+        None
+    };
     let user_stack = bytes
-        .get(STALL_HEADER_LEN..STALL_HEADER_LEN + stack_len)
+        .get(STALL_STACK_OFFSET..STALL_STACK_OFFSET + stack_len)
         .ok_or(DecodeError::Truncated {
             kind: EVENT_STALL,
             len: bytes.len(),
@@ -216,6 +228,7 @@ fn decode_stall(bytes: &[u8]) -> Result<StallCapture, DecodeError> {
         user_stack,
         user_stack_error: event.user_stack_error,
         return_slots: event.return_slots[..slots].to_vec(),
+        args,
     })
 }
 

@@ -2,7 +2,7 @@
 //! kernel's BTF (Rust eBPF has no CO-RE relocations).
 use std::path::Path;
 
-use btf_rs::{Btf, Type};
+use btf_rs::{Backend, Btf, Type};
 use dogslow_common::KernelOffsets;
 use thiserror::Error;
 
@@ -21,9 +21,14 @@ pub enum BtfError {
 
 /// Reads the offsets dogslow needs from `/sys/kernel/btf/vmlinux`.
 pub fn kernel_offsets() -> Result<KernelOffsets, BtfError> {
-    let btf = Btf::from_file(Path::new(VMLINUX_BTF)).map_err(|err| BtfError::Unavailable {
-        reason: err.to_string(),
-    })?;
+    // Mapped, not parsed whole: a dozen offsets do not justify the tens of
+    // megabytes a parsed vmlinux BTF takes.
+    let btf =
+        Btf::from_file_with_backend(Path::new(VMLINUX_BTF), Backend::Mmap).map_err(|err| {
+            BtfError::Unavailable {
+                reason: err.to_string(),
+            }
+        })?;
     let field = |strukt: &str, member: &str| member_offset(&btf, strukt, member);
     Ok(KernelOffsets {
         task_pid: field("task_struct", "pid")?,
@@ -66,10 +71,10 @@ fn find_member(btf: &Btf, st: &btf_rs::Struct, member: &str, base_bits: u32) -> 
         }
         if name.is_empty() {
             // Anonymous struct or union: search inside it.
-            if let Ok(Type::Struct(inner) | Type::Union(inner)) = btf.resolve_chained_type(m) {
-                if let Some(found) = find_member(btf, &inner, member, bits) {
-                    return Some(found);
-                }
+            if let Ok(Type::Struct(inner) | Type::Union(inner)) = btf.resolve_chained_type(m)
+                && let Some(found) = find_member(btf, &inner, member, bits)
+            {
+                return Some(found);
             }
         }
     }

@@ -4,7 +4,7 @@
 use std::{
     io::{self, Read as _},
     num::NonZeroU32,
-    path::Path,
+    os::fd::{AsFd as _, BorrowedFd},
 };
 
 use aya::{
@@ -19,7 +19,11 @@ use aya::{
 use dogslow_common::{CaptureSettings, Inflight, KernelOffsets, MAX_TARGETS, TargetConfig, stat};
 use thiserror::Error;
 
-use crate::kernel_btf;
+use crate::{
+    kernel_btf,
+    refctr_uprobe::{self, RefCtrError, RefCtrUprobe, UprobeKind, UprobeRequest},
+    targets::AttachPoint,
+};
 
 /// The eBPF object, built by build.rs and embedded: one self-contained binary.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dogslow"));
@@ -61,7 +65,13 @@ pub enum AttachError {
         #[source]
         source: ProgramError,
     },
-    #[error("too many targets: dogslow drives at most {MAX_TARGETS}")]
+    #[error(transparent)]
+    RefCtr(#[from] RefCtrError),
+    #[error("{0}")]
+    Program(String),
+    #[error(
+        "too many targets: dogslow drives at most {MAX_TARGETS} (each USDT probe site with its own argument layout counts)"
+    )]
     TooManyTargets,
     #[error("writing the target table: {0}")]
     Map(#[from] aya::maps::MapError),
@@ -100,9 +110,11 @@ impl ProbeRole {
 
 /// A uprobe attachment, to detach when its process or binary goes away.
 #[derive(Debug)]
-pub struct UprobeLink {
-    role: ProbeRole,
-    id: UProbeLinkId,
+pub enum UprobeLink {
+    /// Attached through aya.
+    Aya { role: ProbeRole, id: UProbeLinkId },
+    /// Attached with a USDT semaphore (detaches when dropped).
+    RefCtr(RefCtrUprobe),
 }
 
 /// Settings fixed at load time.
@@ -117,7 +129,7 @@ pub struct LoadOptions {
 /// in the kernel (no pinning), even when the agent is killed.
 pub struct Probes {
     ebpf: Ebpf,
-    btf: Btf,
+    max_inflight: u32,
 }
 
 const TRACEPOINTS: [(&str, &str); 3] = [
@@ -143,13 +155,14 @@ impl Probes {
         let mut ebpf = EbpfLoader::new()
             .btf(Some(&btf))
             .map_max_entries("INFLIGHT", options.max_inflight)
+            .map_max_entries("REQUEST_ARGS", options.max_inflight)
             .override_global("OFFSETS", &offsets, true)
             .override_global("SETTINGS", &settings, true)
             .load(OBJECT)
             .map_err(|source| {
                 let hint = if is_permission_error(&source) {
-                    "; dogslow needs root, or CAP_BPF, CAP_PERFMON, CAP_SYS_PTRACE and \
-                     CAP_SYS_RESOURCE: run it with sudo"
+                    "; dogslow needs root, or CAP_SYS_ADMIN, CAP_SYS_PTRACE and \
+                     CAP_DAC_READ_SEARCH: run it with sudo"
                 } else {
                     ""
                 };
@@ -198,7 +211,10 @@ impl Probes {
                 program: "capture_off_cpu",
                 source,
             })?;
-        Ok(Self { ebpf, btf })
+        Ok(Self {
+            ebpf,
+            max_inflight: options.max_inflight,
+        })
     }
 
     /// Writes target `index`'s timeout and flags.
@@ -217,16 +233,46 @@ impl Probes {
         Ok(())
     }
 
-    /// Attaches request probe `role` at `file_offset` in `path`, in process
-    /// `pid` only or, with `None`, in every process that maps the file.
+    /// Attaches request probe `role` at `point`, in process `pid` only or,
+    /// with `None`, in every process that maps the file. `cookie` is what the
+    /// entry program reads as its target slot.
     pub fn attach_uprobe(
         &mut self,
         role: ProbeRole,
-        path: &Path,
-        file_offset: u64,
+        point: &AttachPoint,
         pid: Option<u32>,
-        target: u32,
+        cookie: u32,
     ) -> Result<UprobeLink, AttachError> {
+        if point.ref_ctr_offset.is_some() {
+            // USDT probes with a semaphore: the kernel raises it while the
+            // probe exists, in every process, and lowers it when it goes.
+            let request = UprobeRequest {
+                path: &point.path,
+                file_offset: point.file_offset,
+                ref_ctr_offset: point.ref_ctr_offset,
+                kind: match role {
+                    ProbeRole::Return => UprobeKind::Return,
+                    ProbeRole::Entry | ProbeRole::Exit => UprobeKind::Entry,
+                },
+                scope: match pid {
+                    Some(pid) => refctr_uprobe::UprobeScope::Process(pid),
+                    None => refctr_uprobe::UprobeScope::AllProcesses,
+                },
+                cookie: u64::from(cookie),
+            };
+            let program = self
+                .program_fd(role)
+                .map_err(|err| AttachError::Program(err.to_string()))?;
+            return refctr_uprobe::attach(program, &request)
+                .map(UprobeLink::RefCtr)
+                .map_err(|err| match err {
+                    RefCtrError::ProcessGone { pid } => AttachError::ProcessGone { pid },
+                    other => AttachError::RefCtr(other),
+                });
+        }
+        let path = point.path.as_path();
+        let file_offset = point.file_offset;
+        let target = cookie;
         let scope = match pid.and_then(NonZeroU32::new) {
             Some(pid) => UProbeScope::OneProcess(pid),
             None => UProbeScope::AllProcesses,
@@ -245,12 +291,12 @@ impl Probes {
             cookie: Some(u64::from(target)),
         };
         match program.attach(point, path, scope) {
-            Ok(id) => Ok(UprobeLink { role, id }),
+            Ok(id) => Ok(UprobeLink::Aya { role, id }),
             Err(source) => {
-                if let Some(pid) = pid {
-                    if !crate::procfs::process_exists(pid) {
-                        return Err(AttachError::ProcessGone { pid });
-                    }
+                if let Some(pid) = pid
+                    && !crate::procfs::process_exists(pid)
+                {
+                    return Err(AttachError::ProcessGone { pid });
                 }
                 Err(AttachError::Uprobe {
                     path: path.display().to_string(),
@@ -261,10 +307,34 @@ impl Probes {
         }
     }
 
+    /// The loaded request program for `role`, for attachments made outside
+    /// aya (`refctr_uprobe`: uprobes that hold a USDT semaphore).
+    pub fn program_fd(&self, role: ProbeRole) -> Result<BorrowedFd<'_>, LoadError> {
+        let program = self
+            .ebpf
+            .program(role.program())
+            .ok_or(LoadError::Program {
+                program: role.program(),
+                source: ProgramError::NotLoaded,
+            })?;
+        program
+            .fd()
+            .map(|fd| fd.as_fd())
+            .map_err(|source| LoadError::Program {
+                program: role.program(),
+                source,
+            })
+    }
+
     /// Detaches a uprobe (its process is gone, or the agent reloads).
     pub fn detach_uprobe(&mut self, link: UprobeLink) {
-        if let Ok(program) = uprobe(&mut self.ebpf, link.role.program()) {
-            let _ = program.detach(link.id);
+        match link {
+            UprobeLink::Aya { role, id } => {
+                if let Ok(program) = uprobe(&mut self.ebpf, role.program()) {
+                    let _ = program.detach(id);
+                }
+            }
+            UprobeLink::RefCtr(probe) => drop(probe),
         }
     }
 
@@ -295,6 +365,32 @@ impl Probes {
         })
     }
 
+    /// Forgets the in-flight requests that came through `slots` (their
+    /// target was removed, so their ends are no longer probed).
+    pub fn forget_requests(&mut self, slots: &[u32]) {
+        let stale: Vec<u32> = self
+            .inflight()
+            .into_iter()
+            .filter(|(_, request)| slots.contains(&request.target))
+            .map(|(tid, _)| tid)
+            .collect();
+        for map in ["INFLIGHT", "REQUEST_ARGS"] {
+            let Some(map) = self.ebpf.map_mut(map) else {
+                continue;
+            };
+            if let Ok(mut requests) = HashMap::<&mut MapData, u32, Inflight>::try_from(map) {
+                for tid in &stale {
+                    let _ = requests.remove(tid);
+                }
+            }
+        }
+    }
+
+    /// Number of entries `INFLIGHT` can hold.
+    pub fn inflight_capacity(&self) -> u32 {
+        self.max_inflight
+    }
+
     /// A snapshot of every in-flight request: (tid, entry).
     pub fn inflight(&self) -> Vec<(u32, Inflight)> {
         let Some(map) = self.ebpf.map("INFLIGHT") else {
@@ -321,11 +417,6 @@ impl Probes {
             }
         }
         totals
-    }
-
-    /// The kernel BTF, parsed once.
-    pub fn btf(&self) -> &Btf {
-        &self.btf
     }
 }
 

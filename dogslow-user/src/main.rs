@@ -1,9 +1,10 @@
-use std::process::ExitCode;
+use std::{io, process::ExitCode};
 
 use clap::Parser as _;
 use dogslow::{
     agent,
     cli::{Cli, Command},
+    probe_list,
 };
 
 fn main() -> ExitCode {
@@ -12,7 +13,13 @@ fn main() -> ExitCode {
         Command::Attach(args) => args
             .into_config()
             .map_err(anyhow::Error::from)
-            .and_then(|config| agent::run(config).map_err(anyhow::Error::from)),
+            .and_then(|config| agent::run(config, None).map_err(anyhow::Error::from)),
+        Command::Run(args) => args
+            .into_config()
+            .map_err(anyhow::Error::from)
+            .and_then(|(config, path)| agent::run(config, Some(path)).map_err(anyhow::Error::from)),
+        Command::Probes(args) => probe_list::run(&args.into_config(), &mut io::stdout().lock())
+            .map_err(anyhow::Error::from),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

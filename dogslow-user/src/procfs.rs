@@ -36,6 +36,8 @@ pub struct ProcessInfo {
     pub ns_pid: Option<u32>,
     /// The process's cgroup v2 path (or the first v1 hierarchy's).
     pub cgroup: Option<String>,
+    /// Its container and pod, when it runs in one.
+    pub kube: crate::kube::KubeContext,
     /// Start time in clock ticks since boot: with the PID, a unique identity.
     pub start_ticks: u64,
 }
@@ -84,9 +86,9 @@ pub fn process_info(pid: u32) -> Result<ProcessInfo, ProcError> {
         .unwrap_or_default();
     let status = read_to_string(&proc_path(pid, "status"), pid)?;
     let ns_pid = namespace_id(&status, "NSpid:").filter(|&ns| ns != pid);
-    let cgroup = fs::read_to_string(proc_path(pid, "cgroup"))
-        .ok()
-        .and_then(|text| parse_cgroup(&text));
+    let cgroup_text = fs::read_to_string(proc_path(pid, "cgroup")).unwrap_or_default();
+    let cgroup = parse_cgroup(&cgroup_text);
+    let kube = crate::kube::context(pid, &cgroup_text);
     Ok(ProcessInfo {
         pid,
         ppid,
@@ -94,8 +96,16 @@ pub fn process_info(pid: u32) -> Result<ProcessInfo, ProcError> {
         exe,
         ns_pid,
         cgroup,
+        kube,
         start_ticks,
     })
+}
+
+/// The process's start time in clock ticks since boot (with the PID, an
+/// identity that survives PID reuse), from /proc/PID/stat alone.
+pub fn start_ticks(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(proc_path(pid, "stat")).ok()?;
+    parse_stat(&stat).map(|(_, start)| start)
 }
 
 /// The thread's id inside its PID namespace, when it differs from `tid`.
@@ -124,9 +134,11 @@ fn namespace_id(status: &str, key: &str) -> Option<u32> {
         .and_then(|id| id.parse().ok())
 }
 
-/// The cgroup v2 path ("0::/path"), else the first hierarchy's path.
+/// The cgroup v2 path ("0::/path"); on hybrid hosts where that is just
+/// "/", the first v1 hierarchy's more specific path.
 fn parse_cgroup(text: &str) -> Option<String> {
-    let mut first = None;
+    let mut unified = None;
+    let mut specific = None;
     for line in text.lines() {
         let mut parts = line.splitn(3, ':');
         let (Some(id), Some(_controllers), Some(path)) = (parts.next(), parts.next(), parts.next())
@@ -134,11 +146,15 @@ fn parse_cgroup(text: &str) -> Option<String> {
             continue;
         };
         if id == "0" {
-            return Some(path.to_owned());
+            unified = Some(path.to_owned());
+        } else if path != "/" {
+            specific.get_or_insert_with(|| path.to_owned());
         }
-        first.get_or_insert_with(|| path.to_owned());
     }
-    first
+    match unified {
+        Some(path) if path != "/" => Some(path),
+        unified => specific.or(unified),
+    }
 }
 
 /// One line of /proc/PID/maps.
@@ -218,17 +234,6 @@ pub fn read_memory(pid: u32, addr: u64, len: usize) -> io::Result<Vec<u8>> {
     Ok(buf)
 }
 
-/// The names of a process's threads, keyed by tid: used to say which thread
-/// a report is about when the thread has no name of its own.
-pub fn thread_ids(pid: u32) -> Vec<u32> {
-    let Ok(entries) = fs::read_dir(proc_path(pid, "task")) else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
-        .collect()
-}
-
 /// The kernel's boot id, so report ids are unique across hosts and reboots.
 pub fn boot_id() -> String {
     let mut text = String::new();
@@ -237,8 +242,14 @@ pub fn boot_id() -> String {
     text.trim().to_owned()
 }
 
-/// The host name (from the UTS namespace dogslow runs in).
+/// The node's name: `$NODE_NAME` when set (Kubernetes), else the host name
+/// of the UTS namespace dogslow runs in.
 pub fn host_name() -> String {
+    // In a DaemonSet the pod has a hostname of its own; the manifest passes
+    // the node's name through the downward API.
+    if let Some(node) = std::env::var("NODE_NAME").ok().filter(|n| !n.is_empty()) {
+        return node;
+    }
     fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|name| name.trim().to_owned())
         .unwrap_or_else(|_| "unknown".to_owned())
@@ -286,6 +297,11 @@ mod tests {
             Some("/kubepods/pod1/abc".to_owned())
         );
         assert_eq!(parse_cgroup("3:memory:/x\n"), Some("/x".to_owned()));
+        assert_eq!(
+            parse_cgroup("4:pids:/kubepods/p/c\n0::/\n"),
+            Some("/kubepods/p/c".to_owned())
+        );
+        assert_eq!(parse_cgroup("4:pids:/\n0::/\n"), Some("/".to_owned()));
     }
 
     #[test]

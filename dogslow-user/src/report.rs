@@ -71,8 +71,17 @@ pub struct StallReport {
     pub thread: String,
     pub exe: String,
     pub cgroup: Option<String>,
+    /// The container (from the cgroup path) and pod, when there is one.
+    pub container_id: Option<String>,
+    pub pod_uid: Option<String>,
+    pub pod: Option<String>,
+    pub pod_namespace: Option<String>,
     pub target: String,
     pub entry: String,
+    /// Arguments captured at the request's entry (`--capture`), by name.
+    /// From untrusted traffic: strings are escaped, but sinks that put them
+    /// in headers or terminals must still treat them as hostile.
+    pub request: Option<serde_json::Map<String, serde_json::Value>>,
     pub state: &'static str,
     pub blocked_ms: Option<u64>,
     pub syscall: Option<Syscall>,
@@ -85,6 +94,64 @@ pub struct StallReport {
     pub kernel_stack: Vec<FrameJson>,
 }
 
+impl StallReport {
+    /// A complete, plausible report for tests (the sinks' and their
+    /// integration tests against real servers); not used at run time.
+    #[doc(hidden)]
+    pub fn example() -> Self {
+        let frame = |addr: u64, function: &str, line: u32| FrameJson {
+            addr: format!("{addr:#x}"),
+            function: Some(function.into()),
+            offset: Some(0x24),
+            file: Some("/src/slow_requests.c".into()),
+            line: Some(line),
+            module: Some("/usr/bin/slow_requests".into()),
+            inlined: false,
+        };
+        Self {
+            kind: "stall",
+            id: "1a2b3c4d5e6f7081".into(),
+            time: "2026-05-16T02:10:12.345Z".into(),
+            started: "2026-05-16T02:10:12.033Z".into(),
+            elapsed_ms: 312,
+            timeout_ms: 300,
+            host: "web-1".into(),
+            pid: 4242,
+            tid: 4243,
+            ppid: 1,
+            ns_pid: None,
+            ns_tid: None,
+            comm: "slow_requests".into(),
+            thread: "worker-1".into(),
+            exe: "/usr/bin/slow_requests".into(),
+            cgroup: Some("/system.slice/app.service".into()),
+            container_id: None,
+            pod_uid: None,
+            pod: None,
+            pod_namespace: None,
+            target: "handle_request".into(),
+            entry: "handle_request".into(),
+            state: "running",
+            blocked_ms: None,
+            syscall: None,
+            cpu: 1,
+            fingerprint: "00c0ffee00c0ffee".into(),
+            user_stack: vec![
+                frame(0x5555_5555_5189, "spin_for", 30),
+                frame(0x5555_5555_5210, "handle_request", 44),
+                frame(0x5555_5555_5280, "dispatch", 58),
+                frame(0x5555_5555_5300, "serve_forever", 69),
+                frame(0x5555_5555_5400, "main", 90),
+            ],
+            user_stack_unwinder: "dwarf",
+            user_stack_truncated: false,
+            user_stack_truncated_reason: None,
+            kernel_stack: vec![],
+            request: None,
+        }
+    }
+}
+
 /// A reported request ended.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct CompletionReport {
@@ -94,6 +161,8 @@ pub struct CompletionReport {
     pub host: String,
     pub pid: u32,
     pub tid: u32,
+    /// The target the request belongs to (as in its stall report).
+    pub target: String,
     pub duration_ms: u64,
     pub outcome: &'static str,
     pub signal: Option<u32>,
@@ -187,13 +256,27 @@ pub fn report_id(boot_id: &str, tid: u32, start_ns: u64) -> String {
 /// How many frames from the top make a fingerprint.
 const FINGERPRINT_FRAMES: usize = 5;
 
-/// Groups reports that stalled the same way: the program, the top
-/// symbolized frames and the state (addresses differ across processes).
+/// Groups reports that stalled the same way: the program, the state and the
+/// top frames of the program's own code. Addresses and paths differ across
+/// processes and hosts; library and vDSO frames and inlined helpers differ
+/// with where exactly a sample landed (`clock_gettime` or the loop calling
+/// it), so they count only when the program has no frames of its own.
 pub fn fingerprint(exe: &str, state: &str, frames: &[Frame]) -> String {
     let program = exe.rsplit('/').next().unwrap_or(exe);
+    let named = |frame: &&Frame| frame.function.is_some() && !frame.inlined;
+    let own: Vec<&Frame> = frames
+        .iter()
+        .filter(named)
+        .filter(|f| f.module.as_deref().is_some_and(|m| m == exe))
+        .collect();
+    let chosen: Vec<&Frame> = if own.is_empty() {
+        frames.iter().filter(named).collect()
+    } else {
+        own
+    };
     let mut parts: Vec<&[u8]> = vec![program.as_bytes(), state.as_bytes()];
     parts.extend(
-        frames
+        chosen
             .iter()
             .filter_map(|f| f.function.as_deref())
             .take(FINGERPRINT_FRAMES)
@@ -236,8 +319,13 @@ mod tests {
             thread: "demo".into(),
             exe: "/usr/bin/demo".into(),
             cgroup: None,
+            container_id: None,
+            pod_uid: None,
+            pod: None,
+            pod_namespace: None,
             target: "demo".into(),
             entry: "handle_request".into(),
+            request: None,
             state: "running",
             blocked_ms: None,
             syscall: None,
@@ -270,6 +358,7 @@ mod tests {
         assert_eq!(frame["module"], "/usr/bin/demo");
         assert!(value["ns_pid"].is_null());
         assert!(value["kernel_stack"].as_array().unwrap().is_empty());
+        assert!(value["request"].is_null());
     }
 
     #[test]
@@ -281,6 +370,7 @@ mod tests {
             host: "h".into(),
             pid: 1,
             tid: 2,
+            target: "handle_request".into(),
             duration_ms: 2000,
             outcome: "killed",
             signal: Some(9),
@@ -299,6 +389,39 @@ mod tests {
         assert_ne!(report_id("b", 1, 2), report_id("b", 1, 3));
         assert_ne!(report_id("b", 1, 2), report_id("c", 1, 2));
         assert_eq!(report_id("b", 1, 2).len(), 16);
+    }
+
+    #[test]
+    fn fingerprint_ignores_where_in_a_loop_the_sample_landed() {
+        let exe = "/usr/bin/demo";
+        let own = |function: &str| frame(function);
+        let library = |function: &str| Frame {
+            module: Some("/usr/lib/x86_64-linux-gnu/libc.so.6".into()),
+            ..frame(function)
+        };
+        let inlined = |function: &str| Frame {
+            inlined: true,
+            ..frame(function)
+        };
+        let in_loop = [own("spin_for"), own("handle_request"), own("main")];
+        let in_libc = [
+            library("clock_gettime"),
+            library("__GI___clock_gettime"),
+            inlined("now_ns"),
+            own("spin_for"),
+            own("handle_request"),
+            own("main"),
+        ];
+        assert_eq!(
+            fingerprint(exe, "running", &in_loop),
+            fingerprint(exe, "running", &in_libc)
+        );
+        // A program with no frames of its own still groups by what it has.
+        let only_libc = [library("epoll_wait"), library("__libc_start_main")];
+        assert_ne!(
+            fingerprint(exe, "blocked", &only_libc),
+            fingerprint(exe, "blocked", &[])
+        );
     }
 
     #[test]

@@ -2,20 +2,22 @@
 //! symbolize, describe the process) and hands them to the sinks, in the
 //! order the kernel produced them. Owns everything that is not `Sync`.
 use std::{
-    collections::HashMap,
-    sync::{Arc, mpsc},
+    collections::{HashMap, VecDeque},
+    sync::mpsc,
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use crate::{
     events::{Completion, Event, StallCapture, ThreadState},
+    metrics::Metrics,
     procfs::{self, ProcessInfo},
     report::{
         Clock, CompletionReport, FrameJson, Report, StallReport, Syscall, fingerprint, ns_to_ms,
         rfc3339,
     },
-    sinks::Sink,
+    request_args::{self, CaptureRequest},
+    sinks::SinkSet,
     symbolize::Symbolizer,
     tracker::Tracker,
     unwind::StackUnwinder,
@@ -27,24 +29,40 @@ pub struct TargetInfo {
     pub name: String,
     pub entry: String,
     pub timeout: Duration,
+    pub captures: Vec<CaptureRequest>,
+    pub capture_len: u32,
 }
 
 /// Work for the reporting thread.
 pub enum Message {
+    /// A kernel target slot (attach cookie) and what it stands for; sent
+    /// before any probe can report through it.
+    Target(u32, TargetInfo),
     Event(Event),
     /// A process was seen for the first time: cache what symbolizing it
     /// needs, in case it exits before its reports are written.
     ProcessSeen(u32),
+    /// A watched process exited: release its caches once late records
+    /// about it have had time to arrive.
+    ProcessGone(u32),
+    /// New report destinations (the config file was reloaded).
+    Sinks(Box<SinkSet>),
 }
 
+/// How long a dead process's caches are kept for records still in flight.
+const FORGET_AFTER: Duration = Duration::from_secs(30);
+
 pub struct Reporter {
-    targets: Arc<Vec<TargetInfo>>,
+    targets: HashMap<u32, TargetInfo>,
     host: String,
     unwinder: StackUnwinder,
     symbolizer: Symbolizer,
     tracker: Tracker,
     processes: HashMap<u32, ProcessInfo>,
-    sinks: Vec<Box<dyn Sink>>,
+    /// Exited processes whose caches go at the given time.
+    gone: VecDeque<(Instant, u32)>,
+    sinks: SinkSet,
+    metrics: Metrics,
 }
 
 /// Process descriptions kept for processes that may exit before their
@@ -52,15 +70,17 @@ pub struct Reporter {
 const PROCESS_CACHE_LIMIT: usize = 4096;
 
 impl Reporter {
-    pub fn new(targets: Arc<Vec<TargetInfo>>, sinks: Vec<Box<dyn Sink>>) -> Self {
+    pub fn new(sinks: SinkSet, metrics: Metrics) -> Self {
         Self {
-            targets,
+            targets: HashMap::new(),
             host: procfs::host_name(),
             unwinder: StackUnwinder::new(),
             symbolizer: Symbolizer::new(),
             tracker: Tracker::new(procfs::boot_id(), 1 << 16),
             processes: HashMap::new(),
+            gone: VecDeque::new(),
             sinks,
+            metrics,
         }
     }
 
@@ -68,20 +88,19 @@ impl Reporter {
     /// it is built there); runs until the channel closes, then finishes the
     /// sinks.
     pub fn spawn(
-        targets: Arc<Vec<TargetInfo>>,
-        sinks: Vec<Box<dyn Sink>>,
+        sinks: SinkSet,
+        metrics: Metrics,
         messages: mpsc::Receiver<Message>,
     ) -> thread::JoinHandle<()> {
         thread::Builder::new()
             .name("dogslow-report".into())
             .spawn(move || {
-                let mut reporter = Self::new(targets, sinks);
+                let mut reporter = Self::new(sinks, metrics);
+                reporter.symbolizer.warm_kernel();
                 for message in messages {
                     reporter.handle(message);
                 }
-                for sink in &mut reporter.sinks {
-                    sink.finish();
-                }
+                reporter.sinks.finish();
             })
             .unwrap_or_else(|err| {
                 eprintln!("dogslow: cannot start the reporting thread: {err}");
@@ -90,28 +109,57 @@ impl Reporter {
     }
 
     pub fn handle(&mut self, message: Message) {
+        self.forget_exited();
         match message {
+            Message::Target(slot, info) => {
+                self.targets.insert(slot, info);
+            }
             Message::ProcessSeen(pid) => {
                 self.process(pid);
-                self.symbolizer.cache_process(pid);
+                self.symbolizer.warm_process(pid);
+                self.unwinder.refresh_process(pid);
+            }
+            Message::ProcessGone(pid) => self.gone.push_back((Instant::now() + FORGET_AFTER, pid)),
+            Message::Sinks(sinks) => {
+                // A reload changed the destinations: the old ones finish
+                // (pending mail included) before the new ones take over.
+                let mut old = std::mem::replace(&mut self.sinks, *sinks);
+                old.finish();
             }
             Message::Event(Event::Stall(capture)) => {
                 if let Some(report) = self.stall(&capture) {
+                    self.metrics.stall(&report.target, report.state);
                     self.emit(&Report::Stall(Box::new(report)));
                 }
             }
             Message::Event(Event::Completion(completion)) => {
                 if let Some(report) = self.completion(&completion) {
+                    self.metrics.completion(report.outcome);
                     self.emit(&Report::Completed(report));
                 }
             }
         }
     }
 
-    fn emit(&mut self, report: &Report) {
-        for sink in &mut self.sinks {
-            sink.emit(report);
+    /// Drops the caches of processes that exited long enough ago.
+    fn forget_exited(&mut self) {
+        let now = Instant::now();
+        while let Some(&(when, pid)) = self.gone.front() {
+            if when > now {
+                break;
+            }
+            self.gone.pop_front();
+            if procfs::process_exists(pid) {
+                continue; // the PID was reused by a process we still watch
+            }
+            self.symbolizer.forget_process(pid);
+            self.unwinder.forget_process(pid);
+            self.processes.remove(&pid);
         }
+    }
+
+    fn emit(&mut self, report: &Report) {
+        self.sinks.emit(report);
     }
 
     /// The process's description: fresh from /proc while it lives, the
@@ -137,9 +185,15 @@ impl Reporter {
         let process = self.process(capture.pid);
         self.symbolizer.cache_process(capture.pid);
         let unwound = self.unwinder.unwind(capture);
-        let user_frames = self.symbolizer.user_frames(capture.pid, &unwound.frames);
+        let mut user_frames = self.symbolizer.user_frames(capture.pid, &unwound.frames);
+        for frame in user_frames.iter_mut().filter(|f| f.module.is_none()) {
+            frame.module = self
+                .unwinder
+                .module_name(capture.pid, frame.addr)
+                .map(str::to_owned);
+        }
         let kernel_frames = self.symbolizer.kernel_frames(&capture.kernel_stack);
-        let target = self.targets.get(capture.target as usize);
+        let target = self.targets.get(&capture.target);
         let state = capture.state.as_str();
         let blocked_ms = match (capture.state, capture.off_cpu_since_ns) {
             (ThreadState::Blocked, Some(since)) => {
@@ -164,8 +218,20 @@ impl Reporter {
             thread: capture.comm.clone(),
             exe: process.exe.clone(),
             cgroup: process.cgroup.clone(),
+            container_id: process.kube.container_id.clone(),
+            pod_uid: process.kube.pod_uid.clone(),
+            pod: process.kube.pod.clone(),
+            pod_namespace: process.kube.namespace.clone(),
             target: target.map_or_else(String::new, |t| t.name.clone()),
             entry: target.map_or_else(String::new, |t| t.entry.clone()),
+            request: match (target, &capture.args) {
+                (Some(target), Some(args)) => Some(request_args::render(
+                    &target.captures,
+                    args,
+                    target.capture_len,
+                )),
+                _ => None,
+            },
             state,
             blocked_ms,
             syscall: Syscall::from_orig_ax(capture.regs.orig_ax),
@@ -188,6 +254,10 @@ impl Reporter {
             host: self.host.clone(),
             pid: reported.pid,
             tid: completion.tid,
+            target: self
+                .targets
+                .get(&reported.target)
+                .map_or_else(String::new, |t| t.name.clone()),
             duration_ms: ns_to_ms(completion.end_ns.saturating_sub(completion.start_ns)),
             outcome: completion.outcome.as_str(),
             signal: completion.signal,

@@ -1,10 +1,13 @@
 //! Symbolization with one long-lived blazesym `Symbolizer` (it is the cache
 //! of parsed binaries; not `Sync`, so it lives on the reporting thread).
+use std::{collections::HashMap, path::PathBuf};
+
 use blazesym::{
     MaybeDefault, Pid,
     symbolize::{
         CodeInfo, Input, Symbolized, Symbolizer as Blaze,
-        cache::{Cache, Process as ProcessCache},
+        cache::{self, Cache, Process as ProcessCache},
+        evict::{self, Evict},
         source::{Kernel, Process, Source},
     },
 };
@@ -42,6 +45,9 @@ impl Frame {
 
 pub struct Symbolizer {
     blaze: Blaze,
+    /// Per process, the mapped files pinned in blazesym's cache so that its
+    /// stacks symbolize after it exits; released by `forget_process`.
+    pinned: HashMap<u32, Vec<PathBuf>>,
 }
 
 impl Default for Symbolizer {
@@ -58,15 +64,79 @@ impl Symbolizer {
                 .enable_inlined_fns(true)
                 .enable_demangling(true)
                 .build(),
+            pinned: HashMap::new(),
         }
     }
 
-    /// Remembers `pid`'s mappings so its stacks still symbolize after it exits.
-    pub fn cache_process(&self, pid: u32) {
-        let mut cache = ProcessCache::new(Pid::from(pid));
-        cache.cache_vmas = true;
-        cache.cache_perf_map = false;
-        let _ = self.blaze.cache(&Cache::Process(cache));
+    /// Remembers `pid`'s mappings and pins the files they map, so its
+    /// stacks still symbolize after it exits (when /proc/PID is gone).
+    /// Called when a process is first seen and again at each of its reports
+    /// (it may have loaded libraries since).
+    pub fn cache_process(&mut self, pid: u32) {
+        let mut process = ProcessCache::new(Pid::from(pid));
+        process.cache_vmas = true;
+        process.cache_perf_map = false;
+        if self.blaze.cache(&Cache::Process(process)).is_err() {
+            // Already gone: keep what was cached before.
+            return;
+        }
+        let Ok(mappings) = crate::procfs::maps(pid) else {
+            return;
+        };
+        let pinned = self.pinned.entry(pid).or_default();
+        for mapping in mappings.iter().filter(|m| m.is_file() && m.executable) {
+            // The path blazesym itself uses for a live process's mappings.
+            let path = PathBuf::from(format!(
+                "/proc/{pid}/map_files/{:x}-{:x}",
+                mapping.start, mapping.end
+            ));
+            if pinned.contains(&path) {
+                continue;
+            }
+            if self
+                .blaze
+                .cache(&Cache::Elf(cache::Elf::new(path.clone())))
+                .is_ok()
+            {
+                pinned.push(path);
+            }
+        }
+    }
+
+    /// Parses what symbolizing `pid` needs now (symbol tables, DWARF line
+    /// and inline data of each mapped binary), so the first report from
+    /// it is not the slow one.
+    pub fn warm_process(&mut self, pid: u32) {
+        self.cache_process(pid);
+        let Ok(mappings) = crate::procfs::maps(pid) else {
+            return;
+        };
+        let starts: Vec<FrameAddress> = mappings
+            .iter()
+            .filter(|m| m.executable && (m.is_file() || m.path == "[vdso]"))
+            .map(|m| FrameAddress::from_instruction_pointer(m.start))
+            .collect();
+        let _ = self.user_frames(pid, &starts);
+    }
+
+    /// Parses the kernel's symbols (kallsyms) ahead of the first report.
+    pub fn warm_kernel(&self) {
+        let _ = self.kernel_frames(&[0xffff_ffff_8100_0000]);
+    }
+
+    /// Releases what `cache_process` kept for `pid` (it exited a while ago).
+    pub fn forget_process(&mut self, pid: u32) {
+        let _ = self
+            .blaze
+            .evict(&Evict::Process(evict::Process::new(Pid::from(pid))));
+        for path in self.pinned.remove(&pid).unwrap_or_default() {
+            let _ = self.blaze.evict(&Evict::Elf(evict::Elf::new(path)));
+        }
+    }
+
+    /// Number of processes whose files are pinned.
+    pub fn cached_processes(&self) -> usize {
+        self.pinned.len()
     }
 
     /// Symbolizes an unwound user stack of process `pid`. Return addresses
@@ -177,7 +247,7 @@ mod tests {
 
     #[test]
     fn symbolizes_own_function_with_file_and_line() {
-        let addr = dogslow_symbolize_probe_target as usize as u64;
+        let addr = dogslow_symbolize_probe_target as *const () as u64;
         let symbolizer = Symbolizer::new();
         let frames = symbolizer.user_frames(
             std::process::id(),
@@ -197,8 +267,42 @@ mod tests {
     }
 
     #[test]
+    fn a_process_cached_when_seen_still_symbolizes_after_it_exits() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        // Wait for the dynamic linker to map libc.
+        let libc = (0..200)
+            .find_map(|_| {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+                crate::procfs::maps(pid)
+                    .ok()?
+                    .into_iter()
+                    .find(|m| m.path.contains("libc.so") && m.offset == 0)
+            })
+            .expect("libc mapped in the child");
+        let image = crate::elf::ElfImage::open(std::path::Path::new(&libc.path)).unwrap();
+        let nanosleep = image.find_function("nanosleep").unwrap();
+        let addr = libc.start + nanosleep.vaddr;
+
+        let mut symbolizer = Symbolizer::new();
+        symbolizer.cache_process(pid);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(!crate::procfs::process_exists(pid));
+
+        let frames = symbolizer.user_frames(pid, &[FrameAddress::from_instruction_pointer(addr)]);
+        let name = frames.last().unwrap().function.clone().unwrap_or_default();
+        assert!(name.contains("nanosleep"), "{frames:?}");
+        symbolizer.forget_process(pid);
+        assert_eq!(symbolizer.cached_processes(), 0);
+    }
+
+    #[test]
     fn return_addresses_report_their_own_offset() {
-        let addr = dogslow_symbolize_probe_target as usize as u64 + 4;
+        let addr = dogslow_symbolize_probe_target as *const () as u64 + 4;
         let symbolizer = Symbolizer::new();
         let ret = FrameAddress::from_return_address(addr).unwrap();
         let frames = symbolizer.user_frames(std::process::id(), &[ret]);

@@ -4,10 +4,14 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
+use dogslow_common::{CaptureSpec, MAX_CAPTURES};
+
 use crate::{
     elf::{ElfError, ElfImage},
     probe_spec::{ProbeLocation, ProbeSpec},
     procfs::{self, ProcError},
+    request_args::{self, ArgumentLocation, CaptureError, CaptureRequest},
+    usdt::{self, ArgSource, UsdtError, UsdtProbe},
 };
 
 #[derive(Debug, Error)]
@@ -22,8 +26,10 @@ pub enum TargetError {
         library: String,
         mapped: String,
     },
-    #[error("`{spec}`: USDT probes are not supported yet")]
-    UsdtUnsupported { spec: String },
+    #[error(transparent)]
+    Usdt(#[from] UsdtError),
+    #[error(transparent)]
+    Capture(#[from] CaptureError),
 }
 
 /// A probe resolved to a file and offset.
@@ -32,6 +38,19 @@ pub struct AttachPoint {
     /// A path the kernel can open from dogslow's mount namespace.
     pub path: PathBuf,
     pub file_offset: u64,
+    /// A USDT semaphore to raise while attached (its file offset).
+    pub ref_ctr_offset: Option<u64>,
+    /// The USDT probe site, for its argument specifications.
+    pub usdt: Option<UsdtProbe>,
+}
+
+impl AttachPoint {
+    fn with_usdt(self, site: UsdtProbe) -> Self {
+        Self {
+            usdt: Some(site),
+            ..self
+        }
+    }
 }
 
 /// The object file `spec` lives in, for process `pid`, as a host path.
@@ -79,28 +98,72 @@ fn library_matches(path: &str, library: &str) -> bool {
             .is_some_and(|rest| rest.starts_with('.') || rest.starts_with('-'))
 }
 
-/// Resolves `spec` in `object` to a file offset.
-pub fn resolve(object: &Path, spec: &ProbeSpec) -> Result<AttachPoint, TargetError> {
-    let file_offset = match &spec.location {
-        ProbeLocation::FileOffset(offset) => {
-            // Still check it is ELF, so a wrong file gets a clear error.
-            ElfImage::open(object)?;
-            *offset
-        }
-        ProbeLocation::Symbol { name, offset } => {
-            let image = ElfImage::open(object)?;
-            image.find_function(name)?.file_offset + offset
-        }
-        ProbeLocation::Usdt { .. } => {
-            return Err(TargetError::UsdtUnsupported {
-                spec: spec.text.clone(),
-            });
-        }
-    };
-    Ok(AttachPoint {
+/// Resolves `spec` in `object` to the places to probe: one for a function
+/// or file offset, one per site for a USDT probe (a probe macro expanded in
+/// several places has several sites).
+pub fn resolve(object: &Path, spec: &ProbeSpec) -> Result<Vec<AttachPoint>, TargetError> {
+    let image = ElfImage::open(object)?;
+    let point = |file_offset| AttachPoint {
         path: object.to_owned(),
         file_offset,
+        ref_ctr_offset: None,
+        usdt: None,
+    };
+    Ok(match &spec.location {
+        ProbeLocation::FileOffset(offset) => vec![point(*offset)],
+        ProbeLocation::Symbol { name, offset } => {
+            vec![point(image.find_function(name)?.file_offset + offset)]
+        }
+        ProbeLocation::Usdt { provider, name } => usdt::find_probes(&image, provider, name)?
+            .into_iter()
+            .map(|site| {
+                AttachPoint {
+                    ref_ctr_offset: site.semaphore_offset,
+                    ..point(site.file_offset)
+                }
+                .with_usdt(site)
+            })
+            .collect(),
     })
+}
+
+/// Where each `--capture` of a target is at this entry point: SysV
+/// registers for a function, the site's argument specification for a USDT
+/// probe.
+pub fn capture_specs(
+    point: &AttachPoint,
+    captures: &[CaptureRequest],
+    capture_len: u32,
+) -> Result<[CaptureSpec; MAX_CAPTURES], TargetError> {
+    let mut specs = [CaptureSpec::default(); MAX_CAPTURES];
+    let image = match &point.usdt {
+        Some(_) if !captures.is_empty() => Some(ElfImage::open(&point.path)?),
+        _ => None,
+    };
+    for (slot, capture) in specs.iter_mut().zip(captures) {
+        *slot = match (&point.usdt, &image) {
+            (Some(site), Some(image)) => {
+                let read = site.arg_read(capture.arg as usize, image)?;
+                let location = match read.source {
+                    ArgSource::Register { regs_offset } => ArgumentLocation::Register {
+                        register: regs_offset / 8,
+                    },
+                    ArgSource::Memory {
+                        regs_offset,
+                        offset,
+                    } => ArgumentLocation::Memory {
+                        register: regs_offset / 8,
+                        displacement: offset,
+                    },
+                    ArgSource::Constant(value) => ArgumentLocation::Constant(value),
+                };
+                let size = i32::from(read.size) * if read.signed { -1 } else { 1 };
+                request_args::probe_argument(capture, location, size, capture_len)
+            }
+            _ => request_args::function_argument(capture, capture_len)?,
+        };
+    }
+    Ok(specs)
 }
 
 #[cfg(test)]
@@ -122,8 +185,9 @@ mod tests {
     fn own_process_libc() {
         let spec: ProbeSpec = "libc.so.6:getpid".parse().unwrap();
         let object = object_for_pid(std::process::id(), &spec).unwrap();
-        let point = resolve(&object, &spec).unwrap();
-        assert!(point.file_offset > 0);
+        let points = resolve(&object, &spec).unwrap();
+        assert_eq!(points.len(), 1);
+        assert!(points[0].file_offset > 0);
         let missing: ProbeSpec = "libnotthere.so:f".parse().unwrap();
         let err = object_for_pid(std::process::id(), &missing)
             .unwrap_err()

@@ -16,6 +16,8 @@ pub type RequestKey = (u32, u64);
 pub struct Reported {
     pub id: String,
     pub pid: u32,
+    /// The kernel target slot the request came through.
+    pub target: u32,
 }
 
 /// Reported requests that have not ended yet, bounded (oldest forgotten
@@ -45,10 +47,10 @@ impl Tracker {
             return None;
         }
         let id = crate::report::report_id(&self.boot_id, capture.tid, capture.start_ns);
-        if self.order.len() >= self.capacity {
-            if let Some(oldest) = self.order.pop_front() {
-                self.reported.remove(&oldest);
-            }
+        if self.order.len() >= self.capacity
+            && let Some(oldest) = self.order.pop_front()
+        {
+            self.reported.remove(&oldest);
         }
         self.order.push_back(key);
         self.reported.insert(
@@ -56,6 +58,7 @@ impl Tracker {
             Reported {
                 id: id.clone(),
                 pid: capture.pid,
+                target: capture.target,
             },
         );
         Some(id)
@@ -84,6 +87,26 @@ pub fn needs_off_cpu_capture(inflight: &[(u32, Inflight)], now_ns: u64) -> bool 
     })
 }
 
+/// When the deadline scan must look again. Requests that start after `now`
+/// cannot be due before `now + min_timeout`, and the current ones are due
+/// at their deadlines; an overdue one that is still unreported (its thread
+/// on a CPU, or the ring buffer was full) is looked at every `tick`. So an
+/// idle agent wakes once per timeout, not once per tick.
+pub fn next_scan_in(
+    inflight: &[(u32, Inflight)],
+    now_ns: u64,
+    min_timeout_ns: u64,
+    tick_ns: u64,
+) -> u64 {
+    let earliest = inflight
+        .iter()
+        .filter(|(_, request)| request.reported == 0)
+        .map(|(_, request)| request.deadline_ns.saturating_sub(now_ns))
+        .min()
+        .unwrap_or(u64::MAX);
+    earliest.min(min_timeout_ns).max(tick_ns)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,6 +130,7 @@ mod tests {
             user_stack: vec![],
             user_stack_error: 0,
             return_slots: vec![],
+            args: None,
         }
     }
 
@@ -154,6 +178,38 @@ mod tests {
         tracker.on_stall(&capture(3, 1));
         assert_eq!(tracker.open_reports(), 2);
         assert_eq!(tracker.on_completion(&completion(1, 1)), None);
+    }
+
+    #[test]
+    fn scans_wake_at_the_next_possible_deadline() {
+        const MS: u64 = 1_000_000;
+        // Idle: one scan per timeout.
+        assert_eq!(next_scan_in(&[], 0, 25_000 * MS, 10 * MS), 25_000 * MS);
+        let request = |deadline_ns, reported| {
+            (
+                1,
+                Inflight {
+                    deadline_ns,
+                    reported,
+                    ..Default::default()
+                },
+            )
+        };
+        // A request due in 3 s.
+        assert_eq!(
+            next_scan_in(&[request(3_000 * MS, 0)], 0, 25_000 * MS, 10 * MS),
+            3_000 * MS
+        );
+        // Reported requests do not count.
+        assert_eq!(
+            next_scan_in(&[request(3_000 * MS, 1)], 0, 25_000 * MS, 10 * MS),
+            25_000 * MS
+        );
+        // Overdue and unreported: every tick.
+        assert_eq!(
+            next_scan_in(&[request(5 * MS, 0)], 9 * MS, 25_000 * MS, 10 * MS),
+            10 * MS
+        );
     }
 
     #[test]

@@ -60,8 +60,8 @@ impl Deref for SectionBytes {
 /// What unwinding needs from one binary, independent of where it is mapped.
 struct BinaryUnwindData {
     name: String,
-    /// (p_offset, p_vaddr, p_filesz) of each loadable segment.
-    segments: Vec<(u64, u64, u64)>,
+    /// (p_offset, p_vaddr, p_filesz) of each executable loadable segment.
+    code_segments: Vec<(u64, u64, u64)>,
     sections: ExplicitModuleSectionInfo<SectionBytes>,
     has_cfi: bool,
 }
@@ -92,8 +92,11 @@ impl BinaryUnwindData {
             .section_by_name(".got")
             .map(|s| s.address()..s.address() + s.size());
         let has_cfi = eh_frame.is_some() || debug_frame.is_some();
-        let segments = file
+        let code_segments = file
             .segments()
+            .filter(|segment| {
+                matches!(segment.flags(), object::SegmentFlags::Elf { p_flags, .. } if p_flags.0 & object::elf::PF_X.0 != 0)
+            })
             .map(|segment| {
                 let (offset, size) = segment.file_range();
                 (offset, segment.address(), size)
@@ -113,18 +116,30 @@ impl BinaryUnwindData {
         };
         Some(Self {
             name,
-            segments,
+            code_segments,
             sections,
             has_cfi,
         })
     }
 
-    /// Stated virtual address of file offset `offset`.
-    fn offset_to_svma(&self, offset: u64) -> Option<u64> {
-        self.segments
+    /// How far the code in `mapping` is from where the file says it is
+    /// (actual minus stated address). The mapping starts on a page
+    /// boundary, which may lie in the segment before the code (linkers pack
+    /// segments into shared pages), so the code segment is found by where
+    /// its first byte falls in the mapping.
+    fn bias(&self, mapping: &Mapping) -> Option<u64> {
+        let len = mapping.end - mapping.start;
+        self.code_segments
             .iter()
-            .find(|(p_offset, _, size)| offset >= *p_offset && offset < p_offset + size.max(&1))
-            .map(|(p_offset, p_vaddr, _)| p_vaddr + (offset - p_offset))
+            .find(|(p_offset, _, size)| {
+                *p_offset < mapping.offset + len && p_offset + size > mapping.offset
+            })
+            .map(|(p_offset, p_vaddr, _)| {
+                // p_offset may precede the mapping by less than a page.
+                (mapping.start + p_offset)
+                    .wrapping_sub(mapping.offset)
+                    .wrapping_sub(*p_vaddr)
+            })
     }
 }
 
@@ -154,12 +169,18 @@ pub struct UnwoundStack {
 /// A process's modules as framehop sees them.
 struct ProcessModules {
     unwinder: UnwinderX86_64<SectionBytes>,
-    /// (avma range, has CFI) per module.
-    ranges: Vec<(Range<u64>, bool)>,
+    /// Per module: where it is mapped, whether it has CFI, its path.
+    ranges: Vec<ModuleRange>,
     /// The `[uprobes]` trampoline page, if mapped.
     uprobes: Option<Range<u64>>,
     /// The mappings the modules were built from.
     mappings: Vec<Mapping>,
+}
+
+struct ModuleRange {
+    avma: Range<u64>,
+    has_cfi: bool,
+    name: String,
 }
 
 /// Unwinds stall captures. Holds the per-binary cache; not `Sync`, lives on
@@ -237,10 +258,9 @@ impl StackUnwinder {
             .iter()
             .take(frames.len().saturating_sub(1))
             .any(|frame| {
-                !process
-                    .ranges
-                    .iter()
-                    .any(|(range, has_cfi)| *has_cfi && range.contains(&frame.address_for_lookup()))
+                !process.ranges.iter().any(|module| {
+                    module.has_cfi && module.avma.contains(&frame.address_for_lookup())
+                })
             });
         UnwoundStack {
             frames,
@@ -253,8 +273,10 @@ impl StackUnwinder {
         }
     }
 
-    /// Builds (or rebuilds, when its mappings changed) the module list of `pid`.
-    fn refresh_process(&mut self, pid: u32) {
+    /// Builds (or rebuilds, when its mappings changed) the module list of
+    /// `pid`, loading the unwind data of binaries not seen before. Called
+    /// when a process is first seen, so the first stall does not pay it.
+    pub fn refresh_process(&mut self, pid: u32) {
         let Ok(mappings) = procfs::maps(pid) else {
             // Gone: keep what we had, so late captures still unwind.
             return;
@@ -272,22 +294,35 @@ impl StackUnwinder {
             .iter()
             .find(|m| m.path == "[uprobes]")
             .map(|m| m.start..m.end);
-        for (key, group) in group_mappings(&mappings) {
-            let first = group[0];
-            let Some(data) = self.binary(pid, &key, first) else {
+        // One module per executable mapping: code addresses are what the
+        // unwinder looks up, and the bias must come from the mapping that
+        // holds the code (a process may also map the same file as data).
+        for mapping in mappings.iter().filter(|m| m.executable) {
+            let key = if mapping.path == "[vdso]" {
+                BinaryKey::Vdso
+            } else if mapping.is_file() {
+                BinaryKey::File {
+                    dev: mapping.dev,
+                    inode: mapping.inode,
+                }
+            } else {
                 continue;
             };
-            // Bias from the mapping of the lowest file offset.
-            let Some(svma) = data.offset_to_svma(first.offset) else {
+            let Some(data) = self.binary(pid, &key, mapping) else {
                 continue;
             };
-            let bias = first.start.wrapping_sub(svma);
-            let avma_range = group.iter().map(|m| m.start).min().unwrap_or(first.start)
-                ..group.iter().map(|m| m.end).max().unwrap_or(first.end);
-            ranges.push((avma_range.clone(), data.has_cfi));
+            let Some(bias) = data.bias(mapping) else {
+                continue;
+            };
+            let avma = mapping.start..mapping.end;
+            ranges.push(ModuleRange {
+                avma: avma.clone(),
+                has_cfi: data.has_cfi,
+                name: data.name.clone(),
+            });
             unwinder.add_module(Module::new(
                 data.name.clone(),
-                avma_range,
+                avma,
                 bias,
                 data.sections.clone(),
             ));
@@ -316,6 +351,16 @@ impl StackUnwinder {
             .clone()
     }
 
+    /// The path of the module `pid` has mapped at `addr`, as last seen.
+    pub fn module_name(&self, pid: u32, addr: u64) -> Option<&str> {
+        let process = self.processes.get(&pid)?;
+        process
+            .ranges
+            .iter()
+            .find(|module| module.avma.contains(&addr))
+            .map(|module| module.name.as_str())
+    }
+
     /// Forgets a process (it exited and its reports are out).
     pub fn forget_process(&mut self, pid: u32) {
         self.processes.remove(&pid);
@@ -329,29 +374,6 @@ impl StackUnwinder {
 
 /// Frames beyond this are cut (and the stack marked truncated).
 pub const MAX_USER_FRAMES: usize = 256;
-
-/// Groups the executable-relevant mappings per binary, lowest address first.
-fn group_mappings(mappings: &[Mapping]) -> Vec<(BinaryKey, Vec<&Mapping>)> {
-    let mut groups: Vec<(BinaryKey, Vec<&Mapping>)> = Vec::new();
-    for mapping in mappings {
-        let key = if mapping.path == "[vdso]" {
-            BinaryKey::Vdso
-        } else if mapping.is_file() {
-            BinaryKey::File {
-                dev: mapping.dev,
-                inode: mapping.inode,
-            }
-        } else {
-            continue;
-        };
-        match groups.iter_mut().find(|(k, _)| *k == key) {
-            Some((_, group)) => group.push(mapping),
-            None => groups.push((key, vec![mapping])),
-        }
-    }
-    groups.retain(|(_, group)| group.iter().any(|m| m.executable));
-    groups
-}
 
 fn load_binary(pid: u32, key: &BinaryKey, mapping: &Mapping) -> Option<BinaryUnwindData> {
     match key {
@@ -454,6 +476,7 @@ mod tests {
             user_stack: stack,
             user_stack_error: 0,
             return_slots: slots,
+            args: None,
         }
     }
 
@@ -490,6 +513,13 @@ mod tests {
 
     #[test]
     fn unwinds_own_thread_through_dwarf() {
+        unwind_from_here();
+        // Not a tail call: this frame stays on the stack to be unwound.
+        std::hint::black_box(());
+    }
+
+    #[inline(never)]
+    fn unwind_from_here() {
         // Unwind this test's own stack: copy it and the registers, then
         // check the walk gets past this function into the test harness.
         let (ip, sp, bp): (u64, u64, u64);
@@ -498,8 +528,15 @@ mod tests {
             std::arch::asm!("lea {ip}, [rip]", "mov {sp}, rsp", "mov {bp}, rbp",
                 ip = out(reg) ip, sp = out(reg) sp, bp = out(reg) bp);
         }
-        let len = 16 * 1024;
-        // SAFETY: the 16 KiB above the stack pointer are this thread's live stack.
+        // Copy up to 16 KiB, but not past the end of this thread's stack mapping.
+        let stack_end = crate::procfs::maps(std::process::id())
+            .unwrap()
+            .into_iter()
+            .find(|m| (m.start..m.end).contains(&sp))
+            .map(|m| m.end)
+            .unwrap();
+        let len = (16 * 1024).min((stack_end - sp) as usize);
+        // SAFETY: [sp, sp + len) lies in this thread's live stack mapping.
         let stack = unsafe { std::slice::from_raw_parts(sp as *const u8, len) }.to_vec();
         let mut capture = capture_with_stack(stack, Vec::new());
         capture.pid = std::process::id();
@@ -513,6 +550,10 @@ mod tests {
         let unwound = unwinder.unwind(&capture);
         assert!(unwound.frames.len() >= 3, "{unwound:?}");
         assert_eq!(unwound.method, "dwarf");
-        assert_eq!(unwinder.cached_binaries() > 0, true);
+        let binaries = unwinder.cached_binaries();
+        assert!(binaries > 0);
+        // The second unwind of the same process reuses the parsed tables.
+        assert_eq!(unwinder.unwind(&capture), unwound);
+        assert_eq!(unwinder.cached_binaries(), binaries);
     }
 }

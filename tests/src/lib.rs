@@ -1,6 +1,9 @@
 //! Support for dogslow's root-only integration tests: start real target
 //! programs and a real `dogslow` against the real kernel, and collect what
 //! it reports.
+pub mod container;
+pub mod pg;
+pub mod running_stalls;
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     path::{Path, PathBuf},
@@ -11,6 +14,8 @@ use std::{
 };
 
 use serde_json::Value;
+
+pub mod smtp;
 
 /// The dogslow binary under test: `$DOGSLOW_BIN` (set by `cargo xtask
 /// test`), else the workspace's release build.
@@ -46,7 +51,7 @@ pub fn require_root() {
 pub struct Lines(Arc<Mutex<Vec<String>>>);
 
 impl Lines {
-    fn collect(pipe: impl std::io::Read + Send + 'static) -> Self {
+    pub fn collect(pipe: impl std::io::Read + Send + 'static) -> Self {
         let lines = Self::default();
         let sink = lines.clone();
         thread::spawn(move || {
@@ -94,7 +99,22 @@ impl Target {
             .spawn()
             .unwrap_or_else(|err| panic!("cannot start {command:?}: {err}"));
         let stdout = Lines::collect(child.stdout.take().unwrap());
-        Self { child, stdout }
+        let target = Self { child, stdout };
+        target.wait_until_loaded();
+        target
+    }
+
+    /// Waits until the dynamic linker has mapped libc: until then the
+    /// process's libraries (and, just after spawn, even its executable) are
+    /// not all in its maps yet. Gives up quietly for static programs.
+    fn wait_until_loaded(&self) {
+        let maps = format!("/proc/{}/maps", self.child.id());
+        for _ in 0..200 {
+            if std::fs::read_to_string(&maps).is_ok_and(|text| text.contains("libc.so")) {
+                return;
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -178,8 +198,18 @@ impl Finished {
 impl Agent {
     /// Starts `dogslow ARGS` and waits until its probes are attached.
     pub fn start(args: &[&str]) -> Self {
-        let mut child = Command::new(dogslow_bin())
-            .args(args)
+        Self::start_with(&dogslow_bin(), args)
+    }
+
+    /// Starts another dogslow binary (the one taken out of the image).
+    pub fn start_with(bin: &Path, args: &[&str]) -> Self {
+        Self::start_command(Command::new(bin).args(args))
+    }
+
+    /// Starts dogslow through `command` (e.g. `setpriv ... dogslow ARGS`)
+    /// and waits until its probes are attached.
+    pub fn start_command(command: &mut Command) -> Self {
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -192,8 +222,10 @@ impl Agent {
             stdout,
             stderr,
         };
+        // Only a fatal error ends the wait: diagnostics such as "cannot reach
+        // the SMTP server" may come before "watching" and contain "error".
         let ready = agent.stderr.wait_for(Duration::from_secs(60), |l| {
-            l.contains("dogslow: watching") || l.contains("error")
+            l.contains("dogslow: watching") || l.contains("dogslow: error")
         });
         match ready {
             Some(line) if line.contains("watching") => agent,

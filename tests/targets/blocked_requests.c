@@ -10,6 +10,8 @@
  *   nanosleep  handle_request sleeps MS in nanosleep()
  *   mixed      handle_request spins on the CPU for MS/2, then sleeps MS/2
  *   never      handle_request blocks in recv() on a socket nobody writes to
+ *   twice      handle_request sleeps 100 ms in first_wait(), runs briefly,
+ *              then sleeps MS in second_wait()
  *
  * With --wait it reads one line from stdin first. Prints one line per request:
  *   request <index> <start_realtime_ns> <end_realtime_ns>
@@ -77,6 +79,16 @@ __attribute__((noinline)) void wait_for_timer(long ms) {
     sink++;
 }
 
+__attribute__((noinline)) void first_wait(void) {
+    sleep_ms(100);
+    sink++;
+}
+
+__attribute__((noinline)) void second_wait(long ms) {
+    sleep_ms(ms);
+    sink++;
+}
+
 __attribute__((noinline)) void compute(long ms) {
     long until = now_ns(CLOCK_MONOTONIC) + ms * 1000000L;
     while (now_ns(CLOCK_MONOTONIC) < until) sink++;
@@ -89,6 +101,10 @@ __attribute__((noinline)) void handle_request(const char *mode) {
     else if (!strcmp(mode, "mixed")) {
         compute(stall_ms / 2);
         wait_for_timer(stall_ms / 2);
+    } else if (!strcmp(mode, "twice")) {
+        first_wait();
+        compute(20);
+        second_wait(stall_ms);
     }
     sink++;
 }

@@ -5,121 +5,12 @@ use std::time::Duration;
 
 use dogslow_tests::*;
 
-const TIMEOUT_MS: u64 = 300;
-const SAMPLE_HZ: u64 = 99;
-
-/// The latency bound of a running stall: one sample period plus 50 ms.
-fn running_bound_ms() -> u64 {
-    TIMEOUT_MS + 1000 / SAMPLE_HZ + 50
-}
+use dogslow_tests::running_stalls::{TIMEOUT_MS, running_bound_ms};
 
 #[test]
 fn running_stalls_are_reported_once_each_with_their_stack() {
     require_root();
-    let mut target = Target::spawn(
-        "slow_requests",
-        &[
-            "--requests",
-            "16",
-            "--slow-every",
-            "4",
-            "--slow-ms",
-            "1500",
-            "--fast-us",
-            "2000",
-            "--wait",
-        ],
-    );
-    let pid = target.pid().to_string();
-    let agent = Agent::start(&[
-        "attach",
-        "--pid",
-        &pid,
-        "--entry",
-        "handle_request",
-        "--timeout",
-        "300ms",
-        "--sample-hz",
-        "99",
-    ]);
-    target.go();
-    let slow = timed_lines(&target.finish(Duration::from_secs(30)), "slow");
-    let finished = agent.wait(Duration::from_secs(20));
-    assert!(finished.status.success(), "{}", finished.stderr);
-    assert_eq!(slow.len(), 4);
-
-    let stalls = finished.stalls();
-    assert_eq!(
-        stalls.len(),
-        slow.len(),
-        "one report per slow request: {stalls:#?}"
-    );
-    let mut ids = std::collections::HashSet::new();
-    for (stall, (start_ns, end_ns)) in stalls.iter().zip(&slow) {
-        assert!(
-            ids.insert(stall["id"].as_str().unwrap().to_owned()),
-            "ids must be unique"
-        );
-        assert_eq!(stall["kind"], "stall");
-        assert_eq!(stall["state"], "running");
-        assert_eq!(stall["pid"].as_u64(), Some(u64::from(target_pid(&pid))));
-        assert_eq!(stall["tid"], stall["pid"]);
-        assert_eq!(stall["timeout_ms"], TIMEOUT_MS);
-        assert_eq!(stall["entry"], "handle_request");
-        assert_eq!(stall["comm"], "slow_requests");
-        assert!(stall["exe"].as_str().unwrap().ends_with("/slow_requests"));
-        assert!(stall["ppid"].as_u64().unwrap() > 0);
-        let elapsed = stall["elapsed_ms"].as_u64().unwrap();
-        assert!(
-            (TIMEOUT_MS..=running_bound_ms()).contains(&elapsed),
-            "elapsed_ms {elapsed} outside [{TIMEOUT_MS}, {}]",
-            running_bound_ms()
-        );
-        // Captured while the request was still running, and it is that request.
-        let captured = rfc3339_ns(&stall["time"]);
-        assert!(captured < *end_ns, "reported after the request ended");
-        let started = rfc3339_ns(&stall["started"]);
-        assert!(
-            started.abs_diff(*start_ns) < 5_000_000,
-            "started {started} vs {start_ns}"
-        );
-
-        let names = functions(stall, "user_stack");
-        assert_in_order(
-            &names,
-            &[
-                "spin_for",
-                "handle_request",
-                "dispatch",
-                "serve_forever",
-                "main",
-            ],
-        );
-        assert_source_lines(
-            stall,
-            &[
-                "spin_for",
-                "handle_request",
-                "dispatch",
-                "serve_forever",
-                "main",
-            ],
-            "slow_requests.c",
-        );
-        assert_eq!(stall["user_stack_truncated"], false, "{stall}");
-    }
-    // Every reported request ended: one completion each, same id.
-    let completions = finished.completions();
-    assert_eq!(completions.len(), stalls.len());
-    for (done, stall) in completions.iter().zip(&stalls) {
-        assert_eq!(done["id"], stall["id"]);
-        assert_eq!(done["outcome"], "returned");
-        assert!(done["duration_ms"].as_u64().unwrap() >= 1500);
-    }
-}
-
-fn target_pid(pid: &str) -> u32 {
-    pid.parse().unwrap()
+    running_stalls::check(Agent::start);
 }
 
 #[test]
@@ -194,6 +85,85 @@ fn exit_form_requests_end_at_the_exit_function() {
         );
     }
     assert_eq!(finished.completions().len(), stalls.len());
+}
+
+/// (file offset of `function`, file offset of its second instruction),
+/// from the target's own disassembly.
+fn function_offsets(function: &str) -> (u64, u64) {
+    let out = std::process::Command::new("objdump")
+        .args(["-d", "--no-show-raw-insn"])
+        .arg(target_bin("slow_requests"))
+        .output()
+        .expect("objdump (binutils)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lines = text
+        .lines()
+        .skip_while(|l| !l.ends_with(&format!("<{function}>:")))
+        .skip(1);
+    let mut address = || -> u64 {
+        let line = lines.next().unwrap();
+        u64::from_str_radix(line.trim().split(':').next().unwrap(), 16).unwrap()
+    };
+    (address(), address())
+}
+
+#[test]
+fn symbol_plus_offset_and_file_offset_probes() {
+    require_root();
+    let (begin, second) = function_offsets("begin_request");
+    let (end, _) = function_offsets("end_request");
+    // gcc's PIE text: file offset == address.
+    let entry = format!("begin_request+{}", second - begin);
+    let exit = format!("{end:#x}");
+    let mut target = Target::spawn(
+        "slow_requests",
+        &[
+            "--requests",
+            "4",
+            "--slow-every",
+            "2",
+            "--slow-ms",
+            "800",
+            "--exit-form",
+            "--wait",
+        ],
+    );
+    let pid = target.pid().to_string();
+    let agent = Agent::start(&[
+        "attach",
+        "--pid",
+        &pid,
+        "--entry",
+        &entry,
+        "--exit",
+        &exit,
+        "--timeout",
+        "300ms",
+    ]);
+    target.go();
+    target.finish(Duration::from_secs(30));
+    let finished = agent.wait(Duration::from_secs(20));
+    let stalls = finished.stalls();
+    assert_eq!(stalls.len(), 2, "{stalls:#?}\n{}", finished.stderr);
+    assert_eq!(stalls[0]["entry"], entry.as_str());
+    assert_in_order(
+        &functions(&stalls[0], "user_stack"),
+        &["spin_for", "dispatch", "main"],
+    );
+    assert_eq!(
+        finished.completions().len(),
+        2,
+        "the file-offset exit ended them"
+    );
+
+    // Without --exit the entry must be a function's first instruction.
+    let finished = run_dogslow(&["attach", "--pid", &pid, "--entry", &entry]);
+    assert!(!finished.status.success());
+    assert!(
+        finished.stderr.contains("first instruction"),
+        "{}",
+        finished.stderr
+    );
 }
 
 #[test]
@@ -398,7 +368,8 @@ mod bad_input {
         );
         assert_fails_with(
             &finished,
-            "dogslow needs root, or the capabilities CAP_BPF, CAP_PERFMON",
+            "dogslow needs root, or the capabilities CAP_SYS_ADMIN, CAP_SYS_PTRACE and \
+             CAP_DAC_READ_SEARCH; missing: CAP_SYS_ADMIN (",
         );
     }
 }

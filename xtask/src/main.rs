@@ -1,7 +1,8 @@
-//! The developer front door: `cargo xtask setup | build | demo | test | bench`.
+//! The developer front door: `cargo xtask setup | build | image | demo | test | bench`.
 //! Every command sets up what is missing first (idempotent, fast when all is
 //! present), so each works on a fresh machine of this project's kind.
 mod bench;
+mod image;
 mod setup;
 
 use std::{
@@ -25,6 +26,9 @@ enum Task {
     Setup,
     /// Build dogslow (release) and the test programs.
     Build,
+    /// Build the container image (deploy/Containerfile) around the static
+    /// binary, and take the binary back out of it to target/image/dogslow.
+    Image,
     /// Start a bundled demo server with slow requests and watch it with dogslow.
     Demo {
         /// How long to watch.
@@ -55,6 +59,10 @@ fn main() -> Result<()> {
         Task::Build => {
             setup::all()?;
             build(&root)
+        }
+        Task::Image => {
+            setup::all()?;
+            image::build(&root).map(|_| ())
         }
         Task::Demo { duration } => {
             setup::all()?;
@@ -140,7 +148,7 @@ fn demo(root: &Path, duration: &str) -> Result<()> {
         .context("cannot start the demo server")?;
     let pid = server.id().to_string();
     eprintln!(
-        "xtask: running: dogslow attach --pid {pid} --entry handle_request --timeout 500ms --duration {duration}"
+        "xtask: running: dogslow attach --pid {pid} --entry handle_request --timeout 500ms --format text --duration {duration}"
     );
     let status = Command::new(dogslow_bin(root))
         .args([
@@ -151,6 +159,8 @@ fn demo(root: &Path, duration: &str) -> Result<()> {
             "handle_request",
             "--timeout",
             "500ms",
+            "--format",
+            "text",
             "--duration",
             duration,
         ])
@@ -166,9 +176,16 @@ fn demo(root: &Path, duration: &str) -> Result<()> {
 
 fn test(root: &Path, filter: Option<&str>) -> Result<()> {
     eprintln!("xtask: unit tests");
-    run(cargo()
-        .current_dir(root)
-        .args(["test", "--workspace", "--exclude", "dogslow-tests"]))?;
+    // The eBPF crate only builds for the bpf target (its host test binary
+    // has no `main`); dogslow-user's build.rs builds and embeds it.
+    run(cargo().current_dir(root).args([
+        "test",
+        "--workspace",
+        "--exclude",
+        "dogslow-tests",
+        "--exclude",
+        "dogslow-ebpf",
+    ]))?;
     require_root("the integration tests")?;
     eprintln!("xtask: eBPF integration tests (root, real kernel, one at a time)");
     let mut command = cargo();

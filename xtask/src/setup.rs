@@ -6,25 +6,43 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::run;
 
-/// Debian packages: LLVM 22 for bpf-linker, a C compiler for the test
-/// programs, and the real peers and servers the tests and benchmarks use.
+/// Debian packages: LLVM 22 for bpf-linker, a C compiler and <sys/sdt.h>
+/// (USDT probes) for the test programs, and the real peers and servers the
+/// tests and benchmarks use; for the container image, musl-gcc (C
+/// dependencies such as ring compile with it for the static binary), podman
+/// to build the image, the CA bundle it ships, and python3-venv for the
+/// manifest validator.
 const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "gcc",
     "libc6-dev",
+    "systemtap-sdt-dev",
     "bpftrace",
     "postgresql",
     "python3-aiosmtpd",
+    "openssl",
     "util-linux",
     "binutils",
+    "musl-tools",
+    "podman",
+    "ca-certificates",
+    "python3-venv",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// The static binary that goes into the container image.
+const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
+
+/// Validates deploy/*.yaml against the Kubernetes schemas (tests/tests/manifests.rs).
+const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
 
 pub fn all() -> Result<()> {
     packages()?;
     nightly()?;
     bpf_linker()?;
+    musl_target()?;
+    manifest_validator()?;
     Ok(())
 }
 
@@ -129,4 +147,46 @@ fn bpf_linker() -> Result<()> {
         ])
         .env("LLVM_PREFIX", "/usr/lib/llvm-22")
         .env("PATH", path))
+}
+
+fn musl_target() -> Result<()> {
+    let installed = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()
+        .context("rustup is needed to add the musl target")?;
+    if String::from_utf8_lossy(&installed.stdout)
+        .lines()
+        .any(|l| l.trim() == MUSL_TARGET)
+    {
+        return Ok(());
+    }
+    eprintln!("xtask: adding the {MUSL_TARGET} target (the static binary of the image)");
+    run(Command::new("rustup").args(["target", "add", MUSL_TARGET]))
+}
+
+/// A virtualenv under target/ with kubernetes-validate, from Debian's own
+/// python3 (the PATH's python3 may be another one, without venv support).
+fn manifest_validator() -> Result<()> {
+    let venv = crate::workspace_root().join("target/k8s-venv");
+    let pip = venv.join("bin/pip");
+    let present = Command::new(&pip)
+        .args(["show", "kubernetes-validate"])
+        .stderr(Stdio::null())
+        .output()
+        .map(|out| {
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .any(|l| l.trim() == format!("Version: {KUBERNETES_VALIDATE_VERSION}"))
+        })
+        .unwrap_or(false);
+    if present {
+        return Ok(());
+    }
+    let package = format!("kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}");
+    eprintln!("xtask: installing {package} into {}", venv.display());
+    run(Command::new("/usr/bin/python3")
+        .arg("-m")
+        .arg("venv")
+        .arg(&venv))?;
+    run(Command::new(&pip).args(["install", "--quiet", &package]))
 }

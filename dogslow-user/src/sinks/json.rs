@@ -20,11 +20,11 @@ impl<W: Write + Send> Sink for JsonLines<W> {
     fn emit(&mut self, report: &Report) {
         let line = report.to_json_line();
         let written = writeln!(self.out, "{line}").and_then(|()| self.out.flush());
-        if let Err(err) = written {
-            if !self.failed {
-                eprintln!("dogslow: writing reports to stdout failed: {err}");
-                self.failed = true;
-            }
+        if let Err(err) = written
+            && !self.failed
+        {
+            eprintln!("dogslow: writing reports to stdout failed: {err}");
+            self.failed = true;
         }
     }
 
@@ -48,6 +48,7 @@ mod tests {
             host: "h".into(),
             pid: 1,
             tid: 1,
+            target: "handle_request".into(),
             duration_ms: 5,
             outcome: "returned",
             signal: None,
