@@ -317,13 +317,9 @@ pub fn run(bench: &Bench) -> Result<Section> {
     section.tables.push(table);
     if !cold_notes.is_empty() {
         section.notes.push(format!(
-            "**Where the p99 target is missed, the first report is why.** {} The first report of a \
-             process is the cold one (item 5: the reporter parses the binary's CFI and DWARF and \
-             /proc/kallsyms then); every report captured meanwhile waits behind it on the single \
-             reporting thread. Fix in dogslow: warm the unwinder and symbolizer when a process is \
-             first seen (`Message::ProcessSeen` in dogslow-user/src/reporter.rs: symbolize one \
-             address of each mapped binary and one kernel address), so attach time pays it \
-             instead of the first stall.",
+            "**Where the p99 target is missed, the first report is why.** {} The first report \
+             of a process pays for whatever the reporter has not parsed yet (item 5), and every \
+             report captured meanwhile waits behind it on the single reporting thread.",
             cold_notes.join(" ")
         ));
     }

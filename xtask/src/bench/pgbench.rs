@@ -23,7 +23,7 @@ pub const TITLE: &str = "A real server: PostgreSQL pgbench";
 
 /// How dogslow watches postgres. When `--binary` and USDT probes land,
 /// switching is this one line: `PgProbes::Usdt`.
-const PROBE_FORM: PgProbes = PgProbes::PortalRunPerBackend;
+const PROBE_FORM: PgProbes = PgProbes::Usdt;
 
 #[allow(dead_code)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,7 +32,7 @@ enum PgProbes {
     /// attached by PID once pgbench has connected.
     PortalRunPerBackend,
     /// The `query__start` / `query__done` USDT probes in every process of
-    /// the postgres binary, attached before pgbench connects.
+    /// the postgres binary (`--binary`).
     Usdt,
 }
 
@@ -41,12 +41,24 @@ impl PgProbes {
         match self {
             Self::PortalRunPerBackend => {
                 "the function `PortalRun` (function-scoped: uprobe + uretprobe), attached to each \
-                 pgbench backend by `--pid` once pgbench has connected (`--binary` and USDT \
-                 probes are not in dogslow yet)"
+                 pgbench backend by `--pid` once pgbench has connected"
             }
             Self::Usdt => {
                 "the USDT probes `postgresql:query__start` and `postgresql:query__done` \
                  (`--exit` form) in every process of the postgres binary (`--binary`)"
+            }
+        }
+    }
+
+    /// How the floor attaches, which is how dogslow attaches in this form.
+    fn floor_attach(self) -> &'static str {
+        match self {
+            Self::PortalRunPerBackend => {
+                "one perf event per backend, as aya attaches `--pid` probes"
+            }
+            Self::Usdt => {
+                "perf events for every process of the file with the probes' semaphores \
+                 (`ref_ctr_offset`), as dogslow attaches `--binary` USDT probes"
             }
         }
     }
@@ -295,7 +307,7 @@ impl Config {
     fn name(self) -> &'static str {
         match self {
             Self::NotAttached => "not attached",
-            Self::Floor => "kernel floor (empty probes, perf events as aya attaches)",
+            Self::Floor => "kernel floor (empty probes, attached as dogslow attaches)",
             Self::FloorMulti => "empty probes through a uprobe_multi link",
             Self::Dogslow => "dogslow attached",
         }
@@ -518,14 +530,15 @@ pub fn run(bench: &Bench) -> Result<Section> {
              throughput between two levels), scale {SCALE}; one \
              `pgbench -S` (select-only) run with {CLIENTS} clients and {THREADS} threads, \
              progress every second. While it runs, configurations take turns of {} s: the \
-             kernel floor (the empty program on the same probes, attached as aya attaches \
-             dogslow's: per-process perf events), the same empty program through uprobe_multi \
-             links, and dogslow, each turn with a not-attached turn right before and after it; \
+             kernel floor (the empty program on the same probes, attached through {}), the \
+             same empty program through uprobe_multi links, and dogslow, each turn with a \
+             not-attached turn right before and after it; \
              {} cycles, order rotated per cycle. A turn's throughput is the mean of the progress \
              seconds wholly inside it (attaching and detaching are outside); its ratio is to the \
              mean of the two not-attached turns around it, so the drift of a shared machine \
              cancels as far as it can.",
             SEGMENT.as_secs(),
+            PROBE_FORM.floor_attach(),
             settings.pg_cycles
         ),
         format!("Measured form: dogslow watches {}.", PROBE_FORM.describe()),
@@ -584,9 +597,9 @@ pub fn run(bench: &Bench) -> Result<Section> {
         let mut note = format!(
             "Not attached, throughput ranged {} transactions/s between turns (other tenants of \
              the machine; while they hold back pgbench, the server has idle time that absorbs \
-             the probes' cost, so a noisy run shows smaller losses than a quiet one). Medians: the kernel floor — empty programs on the same probes, \
-             attached as dogslow attaches them — keeps {:.1} %, the same through uprobe_multi \
-             links {:.1} %, dogslow {:.1} %.",
+             the probes' cost, so a noisy run shows smaller losses than a quiet one). Medians: \
+             the kernel floor (empty programs on the same probes, attached as dogslow attaches \
+             them) keeps {:.1} %, the same through uprobe_multi links {:.1} %, dogslow {:.1} %.",
             baseline.map_or_else(
                 || "n/a".to_owned(),
                 |b| format!("{:.0}–{:.0}", b.min, b.max)
@@ -618,7 +631,7 @@ pub fn run(bench: &Bench) -> Result<Section> {
                 floor.median - dogslow.median
             ));
         }
-        if multi.median > floor.median + 1.0 {
+        if PROBE_FORM.per_backend() && multi.median > floor.median + 1.0 {
             let strength = if multi.min > floor.max {
                 "every uprobe_multi turn beat every perf-event turn"
             } else {

@@ -153,7 +153,8 @@ pub fn run(bench: &Bench) -> Result<Section> {
          two pipes, so that every hand-off is a context switch; the target counts the switches \
          with `getrusage(RUSAGE_THREAD)` and reports elapsed time per switch (the pipe read and \
          write included). Per attachment, after a warm-up, {SLICES} runs of {} ms; the fastest \
-         counts, the one other tenants of the machine disturbed least. dogslow's `sched_switch` program runs on every switch of the \
+         counts, the one other tenants of the machine disturbed least. dogslow's \
+         `sched_switch` program runs on every switch of the \
          machine: it is measured watching a function neither thread calls (untracked) and \
          watching `switch_request`, which both threads stay inside for the whole run (tracked). \
          To separate that program from the probes dogslow attaches to the process, two more \
