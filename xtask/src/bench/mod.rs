@@ -75,7 +75,7 @@ impl Settings {
                 switch_ms: 1000,
                 unwind_runs: 7,
                 unwind_warm_iterations: 200,
-                pg_cycles: 12,
+                pg_cycles: 10,
             }
         }
     }

@@ -107,8 +107,10 @@ impl PgProbes {
 const CLIENTS: usize = 4;
 const THREADS: usize = 2;
 const SCALE: u32 = 1;
-/// How long each configuration stays in place during the pgbench run.
+/// How long each configuration's turn is measured during the pgbench run,
+/// after `SETTLE` in place.
 const SEGMENT: Duration = Duration::from_secs(2);
+const SETTLE: Duration = Duration::from_secs(1);
 
 /// The server runs on CPU 0 and pgbench on CPU 1 when there are two or
 /// more: left to the scheduler, the placement of seven busy processes on
@@ -293,15 +295,25 @@ enum Config {
     Floor,
     /// The floor through uprobe_multi links instead of perf events.
     FloorMulti,
+    /// An empty program on a cpu-clock sampler at dogslow's default rate on
+    /// every CPU: the machine-wide part of dogslow, with nothing to do.
+    Sampler,
     Dogslow,
 }
 
-const CONFIGS: [Config; 4] = [
-    Config::NotAttached,
-    Config::Floor,
-    Config::FloorMulti,
-    Config::Dogslow,
-];
+/// dogslow's default `--sample-hz`.
+const SAMPLE_HZ: u64 = 99;
+
+/// The configurations of this run; not attached first. uprobe_multi links
+/// only differ from perf events when those are per process.
+fn configs() -> Vec<Config> {
+    let mut configs = vec![Config::NotAttached, Config::Floor];
+    if PROBE_FORM.per_backend() {
+        configs.push(Config::FloorMulti);
+    }
+    configs.extend([Config::Sampler, Config::Dogslow]);
+    configs
+}
 
 impl Config {
     fn name(self) -> &'static str {
@@ -309,6 +321,7 @@ impl Config {
             Self::NotAttached => "not attached",
             Self::Floor => "kernel floor (empty probes, attached as dogslow attaches)",
             Self::FloorMulti => "empty probes through a uprobe_multi link",
+            Self::Sampler => "empty 99 Hz cpu-clock sampler on every CPU, as dogslow's",
             Self::Dogslow => "dogslow attached",
         }
     }
@@ -354,6 +367,7 @@ fn attach(bench: &Bench, config: Config, postgres: &Path, backends: &[u32]) -> R
                 Attached::Floor(vec![floor::attach(mechanism, postgres, &probes, None)?])
             }
         }
+        Config::Sampler => Attached::Floor(vec![floor::attach_sampler(SAMPLE_HZ)?]),
         Config::Dogslow => {
             Attached::Dogslow(bench.start_dogslow(&PROBE_FORM.dogslow_args(postgres, backends))?)
         }
@@ -396,7 +410,7 @@ fn wait_for_backends(postmaster: u32, pgbench: &mut Proc) -> Result<Vec<u32>> {
 /// The order of turns: not attached before and after every other
 /// configuration's turn, the others in an order rotated per cycle.
 fn schedule(cycles: usize) -> Vec<usize> {
-    let others = CONFIGS.len() - 1;
+    let others = configs().len() - 1;
     let mut order = vec![0];
     for cycle in 0..cycles {
         for offset in 0..others {
@@ -413,15 +427,19 @@ fn schedule(cycles: usize) -> Vec<usize> {
 struct Measured {
     tps: Vec<Vec<f64>>,
     ratios: Vec<Vec<f64>>,
+    /// dogslow's own CPU during each of its turns, % of a core.
+    agent_cpu: Vec<f64>,
 }
 
 /// One long pgbench run during which the configurations take `SEGMENT`
 /// turns; a turn's throughput is the mean of the progress seconds that fell
 /// wholly inside it.
 fn measure(bench: &Bench, pg: &PgInstall, cluster: &mut Cluster) -> Result<Measured> {
+    let configs = configs();
     let order = schedule(bench.settings.pg_cycles);
     // Long enough for every turn and its attaching; stopped after the last.
-    let total = (SEGMENT + Duration::from_secs(3)) * order.len() as u32 + Duration::from_secs(30);
+    let total =
+        (SETTLE + SEGMENT + Duration::from_secs(3)) * order.len() as u32 + Duration::from_secs(30);
     let postgres = pg.bin.join("postgres");
     let postmaster = cluster
         .postmaster_pid()
@@ -451,13 +469,26 @@ fn measure(bench: &Bench, pg: &PgInstall, cluster: &mut Cluster) -> Result<Measu
     // Let connections settle before the first turn.
     proc::sleep(Duration::from_secs(1))?;
     let mut turns = Vec::new();
+    let mut agent_cpu = Vec::new();
     for &config in &order {
-        let attached = attach(bench, CONFIGS[config], &postgres, &backends)
-            .with_context(|| CONFIGS[config].name())?;
+        let attached = attach(bench, configs[config], &postgres, &backends)
+            .with_context(|| configs[config].name())?;
+        // Start-up work (dogslow warms its caches for every process it
+        // finds) is a one-off; the turn measures the steady state after it.
+        proc::sleep(SETTLE)?;
+        let agent_pid = match &attached {
+            Attached::Dogslow(agent) => Some(agent.pid()),
+            _ => None,
+        };
+        let cpu_before = agent_pid.map(proc::cpu_ns).transpose()?;
         let from_ns = proc::realtime_ns();
         proc::sleep(SEGMENT)?;
         let to_ns = proc::realtime_ns();
-        attached.detach().with_context(|| CONFIGS[config].name())?;
+        if let (Some(pid), Some(before)) = (agent_pid, cpu_before) {
+            let used = proc::cpu_ns(pid)?.saturating_sub(before) as f64;
+            agent_cpu.push(used / (to_ns - from_ns) as f64 * 100.0);
+        }
+        attached.detach().with_context(|| configs[config].name())?;
         if !pgbench.is_running() {
             bail!("pgbench ended early: {}", pgbench.why());
         }
@@ -494,14 +525,15 @@ fn measure(bench: &Bench, pg: &PgInstall, cluster: &mut Cluster) -> Result<Measu
             bail!(
                 "no whole progress second inside turn {} ({})",
                 index + 1,
-                CONFIGS[turn.config].name()
+                configs[turn.config].name()
             );
         }
         turn_tps.push(inside.iter().sum::<f64>() / inside.len() as f64);
     }
     let mut measured = Measured {
-        tps: vec![Vec::new(); CONFIGS.len()],
-        ratios: vec![Vec::new(); CONFIGS.len()],
+        tps: vec![Vec::new(); configs.len()],
+        ratios: vec![Vec::new(); configs.len()],
+        agent_cpu,
     };
     for (index, turn) in turns.iter().enumerate() {
         measured.tps[turn.config].push(turn_tps[index]);
@@ -530,16 +562,23 @@ pub fn run(bench: &Bench) -> Result<Section> {
              throughput between two levels), scale {SCALE}; one \
              `pgbench -S` (select-only) run with {CLIENTS} clients and {THREADS} threads, \
              progress every second. While it runs, configurations take turns of {} s: the \
-             kernel floor (the empty program on the same probes, attached through {}), the \
-             same empty program through uprobe_multi links, and dogslow, each turn with a \
+             kernel floor (the empty program on the same probes, attached through {}){}, an \
+             empty program on a {SAMPLE_HZ} Hz cpu-clock sampler on every CPU (dogslow's \
+             machine-wide part with nothing to do), and dogslow, each turn with a \
              not-attached turn right before and after it; \
              {} cycles, order rotated per cycle. A turn's throughput is the mean of the progress \
-             seconds wholly inside it (attaching and detaching are outside); its ratio is to the \
-             mean of the two not-attached turns around it, so the drift of a shared machine \
-             cancels as far as it can.",
+             seconds wholly inside it, measured from {} s after attaching (start-up work is a \
+             one-off) to detaching; its ratio is to the mean of the two not-attached turns \
+             around it, so the drift of a shared machine cancels as far as it can.",
             SEGMENT.as_secs(),
             PROBE_FORM.floor_attach(),
-            settings.pg_cycles
+            if PROBE_FORM.per_backend() {
+                ", the same empty program through uprobe_multi links"
+            } else {
+                ""
+            },
+            settings.pg_cycles,
+            SETTLE.as_secs()
         ),
         format!("Measured form: dogslow watches {}.", PROBE_FORM.describe()),
     ];
@@ -549,7 +588,8 @@ pub fn run(bench: &Bench) -> Result<Section> {
         ),
         format!(
             "pgbench -h SOCKET -p PORT -U postgres -S -n -c {CLIENTS} -j {THREADS} -T {} -P 1 --progress-timestamp bench",
-            ((SEGMENT + Duration::from_secs(3)) * (settings.pg_cycles * CONFIGS.len()) as u32)
+            ((SETTLE + SEGMENT + Duration::from_secs(3))
+                * (settings.pg_cycles * 2 * (configs().len() - 1) + 1) as u32)
                 .as_secs()
                 + 30
         ),
@@ -567,9 +607,11 @@ pub fn run(bench: &Bench) -> Result<Section> {
             "configuration",
             "transactions/s",
             "% of the not-attached turns around it",
+            "dogslow's own CPU, % of a core",
         ],
     );
-    for (index, config) in CONFIGS.iter().enumerate() {
+    let configs = configs();
+    for (index, config) in configs.iter().enumerate() {
         table.row(vec![
             config.name().to_owned(),
             show(Summary::of(&measured.tps[index]), 0),
@@ -578,10 +620,21 @@ pub fn run(bench: &Bench) -> Result<Section> {
             } else {
                 show(ratio(index), 1)
             },
+            if *config == Config::Dogslow {
+                show(Summary::of(&measured.agent_cpu), 2)
+            } else {
+                "—".into()
+            },
         ]);
     }
     section.tables.push(table);
-    let (floor_ratio, multi_ratio, dogslow) = (ratio(1), ratio(2), ratio(3));
+    let of = |wanted: Config| configs.iter().position(|c| *c == wanted).and_then(&ratio);
+    let (floor_ratio, multi_ratio, sampler, dogslow) = (
+        of(Config::Floor),
+        of(Config::FloorMulti),
+        of(Config::Sampler),
+        of(Config::Dogslow),
+    );
     section.checks.push(Check::new(
         "pgbench throughput with dogslow ≥ 95 % of without",
         format!("{} % (floor: {} %)", show(dogslow, 1), show(floor_ratio, 1)),
@@ -592,46 +645,37 @@ pub fn run(bench: &Bench) -> Result<Section> {
             "Too few cycles in this run to explain a difference; do not quote these numbers."
                 .into(),
         );
-    } else if let (Some(dogslow), Some(floor), Some(multi)) = (dogslow, floor_ratio, multi_ratio) {
+    } else if let (Some(dogslow), Some(floor), Some(sampler)) = (dogslow, floor_ratio, sampler) {
         let baseline = Summary::of(&measured.tps[0]);
         let mut note = format!(
             "Not attached, throughput ranged {} transactions/s between turns (other tenants of \
              the machine; while they hold back pgbench, the server has idle time that absorbs \
              the probes' cost, so a noisy run shows smaller losses than a quiet one). Medians: \
              the kernel floor (empty programs on the same probes, attached as dogslow attaches \
-             them) keeps {:.1} %, the same through uprobe_multi links {:.1} %, dogslow {:.1} %.",
+             them) keeps {:.1} %, an empty {SAMPLE_HZ} Hz cpu-clock sampler on every CPU {:.1} \
+             %, dogslow {:.1} %.",
             baseline.map_or_else(
                 || "n/a".to_owned(),
                 |b| format!("{:.0}–{:.0}", b.min, b.max)
             ),
             floor.median,
-            multi.median,
+            sampler.median,
             dogslow.median
         );
-        if dogslow.median < 95.0 && floor.median < 95.0 {
-            let own = floor.median - dogslow.median;
+        if dogslow.median < 95.0 {
+            let probes = 100.0 - floor.median;
+            let sampling = 100.0 - sampler.median;
+            let rest = (100.0 - dogslow.median) - probes.max(0.0) - sampling.max(0.0);
             note.push_str(&format!(
-                " **Below 95 %, and so is the floor:** the probes themselves, which any tool \
-                 attaching the same way pays, cost {:.1} points; {}",
-                100.0 - floor.median,
-                if own >= 1.0 {
-                    format!(
-                        "dogslow's programs (its `sched_switch` program runs at every context \
-                         switch) and agent cost {own:.1} more."
-                    )
-                } else {
-                    "dogslow adds nothing measurable beyond them.".to_owned()
-                }
-            ));
-        } else if dogslow.median < 95.0 {
-            note.push_str(&format!(
-                " **Below 95 % while the floor is not:** {:.1} points are dogslow's own \
-                 (its programs, including the `sched_switch` one that runs at every context \
-                 switch, and its agent), beyond the probes.",
-                floor.median - dogslow.median
+                " **Below 95 %:** of the {:.1} points lost, the probes themselves (what any tool \
+                 attaching the same way pays) account for {probes:.1}, the periodic sampler for \
+                 {sampling:.1} (dogslow-user/src/loader.rs: a cpu-clock perf event per CPU in \
+                 frequency mode), and the rest, {rest:.1}, is dogslow's programs and agent \
+                 beyond those (a negative rest: the parts overlap or noise).",
+                100.0 - dogslow.median
             ));
         }
-        if PROBE_FORM.per_backend() && multi.median > floor.median + 1.0 {
+        if let Some(multi) = multi_ratio.filter(|m| m.median > floor.median + 1.0) {
             let strength = if multi.min > floor.max {
                 "every uprobe_multi turn beat every perf-event turn"
             } else {
@@ -642,8 +686,7 @@ pub fn run(bench: &Bench) -> Result<Section> {
                  {:.1}: the attach mechanism accounts for {:.1} ({strength}; item 4 shows its \
                  per-switch side). aya 0.14 attaches uprobes only through perf events; creating \
                  uprobe_multi links directly (BPF_LINK_CREATE with BPF_TRACE_UPROBE_MULTI, \
-                 kernel 6.6+, as this bench's floor does) is the largest saving open to dogslow \
-                 on a server like this one.",
+                 kernel 6.6+, as this bench's floor does) would avoid it.",
                 100.0 - multi.median,
                 100.0 - floor.median,
                 multi.median - floor.median
@@ -652,7 +695,7 @@ pub fn run(bench: &Bench) -> Result<Section> {
         if dogslow.max >= floor.median && dogslow.median < floor.median {
             note.push_str(&format!(
                 " dogslow's turns ranged {:.1}–{:.1} %, across the floor's median: read the \
-                 difference between them as indicative, not exact.",
+                 split as indicative, not exact.",
                 dogslow.min, dogslow.max
             ));
         }

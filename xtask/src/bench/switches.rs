@@ -26,14 +26,22 @@ enum Config {
     FloorPerfEvent,
     /// The same through a uprobe_multi link.
     FloorUprobeMulti,
+    /// Empty per-process probes on another process: what the perf events
+    /// cost processes nobody watches.
+    FloorElsewhere,
+    /// dogslow watching another process: what it costs processes it does
+    /// not watch.
+    DogslowElsewhere,
     Untracked,
     Tracked,
 }
 
-const CONFIGS: [Config; 5] = [
+const CONFIGS: [Config; 7] = [
     Config::NotAttached,
     Config::FloorPerfEvent,
     Config::FloorUprobeMulti,
+    Config::FloorElsewhere,
+    Config::DogslowElsewhere,
     Config::Untracked,
     Config::Tracked,
 ];
@@ -46,6 +54,10 @@ impl Config {
                 "no dogslow; empty uprobe + uretprobe on the process (perf events, as aya attaches)"
             }
             Self::FloorUprobeMulti => "no dogslow; empty uprobe + uretprobe (uprobe_multi link)",
+            Self::FloorElsewhere => {
+                "no dogslow; empty uprobe + uretprobe (perf events) on another process only"
+            }
+            Self::DogslowElsewhere => "dogslow watching another process only",
             Self::Untracked => "attached, threads in no request",
             Self::Tracked => "attached, both threads inside a request",
         }
@@ -55,8 +67,11 @@ impl Config {
     /// (tracked) or one nobody calls (untracked).
     fn entry(self) -> Option<&'static str> {
         match self {
-            Self::NotAttached | Self::FloorPerfEvent | Self::FloorUprobeMulti => None,
-            Self::Untracked => Some("idle_request"),
+            Self::NotAttached
+            | Self::FloorPerfEvent
+            | Self::FloorUprobeMulti
+            | Self::FloorElsewhere => None,
+            Self::Untracked | Self::DogslowElsewhere => Some("idle_request"),
             Self::Tracked => Some("switch_request"),
         }
     }
@@ -64,8 +79,17 @@ impl Config {
 
 fn measure(bench: &Bench, config: Config) -> Result<f64> {
     let mut target = bench.start_target(&["switches"])?;
+    // The "other process" of the *Elsewhere configurations: idle, waiting
+    // on its input.
+    let other = match config {
+        Config::FloorElsewhere | Config::DogslowElsewhere => {
+            Some(bench.start_target(&["switches"])?)
+        }
+        _ => None,
+    };
+    let watched = other.as_ref().map_or(target.pid(), Proc::pid);
     let mechanism = match config {
-        Config::FloorPerfEvent => Some(Mechanism::PerfEvent),
+        Config::FloorPerfEvent | Config::FloorElsewhere => Some(Mechanism::PerfEvent),
         Config::FloorUprobeMulti => Some(Mechanism::UprobeMulti),
         _ => None,
     };
@@ -77,7 +101,7 @@ fn measure(bench: &Bench, config: Config) -> Result<f64> {
                 mechanism,
                 &bench.target,
                 &[Probe::entry(offset), Probe::ret(offset)],
-                Some(target.pid()),
+                Some(watched),
             )?)
         }
         None => None,
@@ -87,7 +111,7 @@ fn measure(bench: &Bench, config: Config) -> Result<f64> {
         Some(entry) => Some(bench.start_dogslow(&[
             "attach".into(),
             "--pid".into(),
-            target.pid().to_string(),
+            watched.to_string(),
             "--entry".into(),
             entry.into(),
             "--timeout".into(),
@@ -160,7 +184,8 @@ pub fn run(bench: &Bench) -> Result<Section> {
          To separate that program from the probes dogslow attaches to the process, two more \
          configurations attach only an empty uprobe + uretprobe to the never-called function: \
          through per-process perf events, as aya attaches dogslow's, and through a uprobe_multi \
-         link. {} rounds, configurations in rotated order; added cost is the per-round \
+         link. Two more put dogslow, or the empty per-process probes, on another (idle) \
+         process only: what threads nobody watches pay. {} rounds, configurations in rotated order; added cost is the per-round \
          difference against not attached.",
         (settings.switch_ms / SLICES as u64).max(20),
         settings.switch_rounds
@@ -169,6 +194,7 @@ pub fn run(bench: &Bench) -> Result<Section> {
         format!("{target} switches   # then: run MS"),
         "dogslow attach --pid <target> --entry idle_request --timeout 1h     # untracked".into(),
         "dogslow attach --pid <target> --entry switch_request --timeout 1h   # tracked".into(),
+        "dogslow attach --pid <other> --entry idle_request --timeout 1h      # elsewhere".into(),
     ];
     let mut table = Table::new(
         "",
@@ -194,19 +220,25 @@ pub fn run(bench: &Bench) -> Result<Section> {
             .map(|(v, b)| v - b)
             .collect()
     };
-    let (perf, multi) = (added(1), added(2));
+    let at = |wanted: Config| CONFIGS.iter().position(|c| *c == wanted).unwrap_or(0);
+    let (perf, multi) = (
+        added(at(Config::FloorPerfEvent)),
+        added(at(Config::FloorUprobeMulti)),
+    );
     if settings.switch_rounds >= 3 {
         // dogslow minus the perf-event floor, per round: its program's share.
         let program = |index: usize| -> Option<Summary> {
             Summary::of(
                 &results[index]
                     .iter()
-                    .zip(&results[1])
+                    .zip(&results[at(Config::FloorPerfEvent)])
                     .map(|(d, p)| d - p)
                     .collect::<Vec<_>>(),
             )
         };
-        if let (Some(untracked), Some(tracked)) = (program(3), program(4)) {
+        if let (Some(untracked), Some(tracked)) =
+            (program(at(Config::Untracked)), program(at(Config::Tracked)))
+        {
             section.notes.push(format!(
                 "dogslow attached minus the perf-event floor, per round — its `sched_switch` \
                  program's share: {} ns per switch of an untracked thread, {} ns of a tracked \
@@ -229,6 +261,27 @@ pub fn run(bench: &Bench) -> Result<Section> {
              uprobe_multi link is no perf event. Single-threaded servers such as PostgreSQL's \
              backends pay it at every switch, in a request or not.",
             perf.median, multi.median
+        ));
+    }
+    if let (Some(dogslow), Some(floor)) = (
+        Summary::of(&added(at(Config::DogslowElsewhere))),
+        Summary::of(&added(at(Config::FloorElsewhere))),
+    ) {
+        let cause = if floor.median.abs() < 10.0 {
+            "Empty per-process probes on another process add nothing measurable, so this is \
+             dogslow's own machine-wide work at each switch: its `sched_switch` program \
+             (dogslow-ebpf/src/sched_switch.rs), which runs for every thread on the host."
+        } else {
+            "Part of it comes with any per-process perf event (the empty probes elsewhere), the \
+             rest is dogslow's machine-wide `sched_switch` program \
+             (dogslow-ebpf/src/sched_switch.rs)."
+        };
+        section.notes.push(format!(
+            "**Processes dogslow does not watch pay too.** While dogslow watches another \
+             process, each context switch of these unwatched threads costs {} ns more; empty \
+             per-process probes on another process (no dogslow) add {} ns. {cause}",
+            dogslow.show(0),
+            floor.show(0)
         ));
     }
     Ok(section)
