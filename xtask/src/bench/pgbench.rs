@@ -666,12 +666,20 @@ pub fn run(bench: &Bench) -> Result<Section> {
             let probes = 100.0 - floor.median;
             let sampling = 100.0 - sampler.median;
             let rest = (100.0 - dogslow.median) - probes.max(0.0) - sampling.max(0.0);
+            let rest_text = if rest.abs() < 1.0 {
+                "nothing measurable is left for dogslow's programs and agent beyond those"
+                    .to_owned()
+            } else if rest > 0.0 {
+                format!("the remaining {rest:.1} are dogslow's programs and agent beyond those")
+            } else {
+                format!("the parts overlap or are noisy by {:.1}", -rest)
+            };
             note.push_str(&format!(
                 " **Below 95 %:** of the {:.1} points lost, the probes themselves (what any tool \
-                 attaching the same way pays) account for {probes:.1}, the periodic sampler for \
-                 {sampling:.1} (dogslow-user/src/loader.rs: a cpu-clock perf event per CPU in \
-                 frequency mode), and the rest, {rest:.1}, is dogslow's programs and agent \
-                 beyond those (a negative rest: the parts overlap or noise).",
+                 attaching the same way pays) account for {probes:.1} and the periodic sampler \
+                 for {sampling:.1} (a cpu-clock perf event per CPU in frequency mode, \
+                 dogslow-user/src/loader.rs; it runs whether or not any request is late); \
+                 {rest_text}.",
                 100.0 - dogslow.median
             ));
         }
