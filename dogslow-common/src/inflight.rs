@@ -1,12 +1,13 @@
 /// Per-thread bookkeeping of the request a thread is inside (value of the
-/// `INFLIGHT` map, keyed by the kernel thread id).
+/// `INFLIGHT` map, keyed by the kernel thread id). A thread keeps its entry
+/// between requests, idle (`start_ns == 0`), until it exits.
 ///
 /// Written by the entry probe, touched by `sched_switch` when the thread
 /// switches out, read by the agent's deadline scan.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Inflight {
-    /// `CLOCK_BOOTTIME` nanoseconds at the outermost entry.
+    /// `CLOCK_BOOTTIME` nanoseconds at the outermost entry; 0 between requests.
     pub start_ns: u64,
     /// `start_ns` plus the target's timeout.
     pub deadline_ns: u64,

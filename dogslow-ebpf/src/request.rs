@@ -29,69 +29,69 @@ pub fn request_entry(ctx: ProbeContext) -> u32 {
     };
     let (tid, tgid) = current_ids();
     let start_ns = now_ns();
-    let inflight = Inflight {
-        start_ns,
-        deadline_ns: start_ns + config.timeout_ns,
-        off_cpu_since_ns: 0,
-        switch_outs: 0,
-        tgid,
-        target,
-        depth: 1,
-        off_cpu_state: 0,
-        reported: 0,
-        has_args: 0,
-    };
-    // The common case, a thread not yet in a request, costs one insert.
-    match INFLIGHT.insert(tid, inflight, BPF_NOEXIST as u64) {
-        Ok(()) => {}
-        Err(EEXIST) => {
-            let Some(current) = INFLIGHT.get_ptr_mut(tid) else {
-                return 0;
-            };
-            if config.flags & TARGET_FUNCTION_SCOPED != 0 {
-                // Nested or recursive call: still the outermost request.
-                // SAFETY: only this thread writes its own depth.
-                unsafe { (*current).depth += 1 };
-                return 0;
-            }
-            // Exit-scoped: entering again without passing the exit means the
-            // earlier request was abandoned (an error path skipped the exit).
-            // SAFETY: the pointer came from a lookup and the entry is this thread's.
-            finish(tid, unsafe { &*current }, OUTCOME_ABANDONED, 0, 0);
-            if INFLIGHT.insert(tid, inflight, BPF_ANY as u64).is_err() {
+    // A thread keeps its entry between requests (idle: start_ns == 0), so a
+    // request costs a lookup and a few stores, not an insert and a delete.
+    let entry = match INFLIGHT.get_ptr_mut(tid) {
+        Some(entry) => entry,
+        None => {
+            let idle = Inflight::default();
+            if INFLIGHT.insert(tid, idle, BPF_NOEXIST as u64).is_err() {
                 count(stat::INFLIGHT_FULL);
                 return 0;
             }
+            match INFLIGHT.get_ptr_mut(tid) {
+                Some(entry) => entry,
+                None => return 0,
+            }
         }
-        Err(_) => {
-            count(stat::INFLIGHT_FULL);
-            return 0;
+    };
+    // SAFETY: the entry is this thread's own; its other writers (its own
+    // probes, sched_switch, the exit tracepoint) run only as this thread,
+    // which is here.
+    unsafe {
+        if (*entry).start_ns != 0 {
+            if config.flags & TARGET_FUNCTION_SCOPED != 0 {
+                // Nested or recursive call: still the outermost request.
+                (*entry).depth += 1;
+                return 0;
+            }
+            // Exit-scoped: entering again without passing the exit means
+            // the earlier request was abandoned (an error path skipped it).
+            end_request(tid, entry, OUTCOME_ABANDONED);
         }
+        (*entry).deadline_ns = start_ns + config.timeout_ns;
+        (*entry).off_cpu_since_ns = 0;
+        (*entry).switch_outs = 0;
+        (*entry).tgid = tgid;
+        (*entry).target = target;
+        (*entry).depth = 1;
+        (*entry).off_cpu_state = 0;
+        (*entry).reported = 0;
+        (*entry).has_args = 0;
+        (*entry).start_ns = start_ns;
     }
     count(stat::REQUESTS_STARTED);
     if config.capture_count > 0 && capture_args(&ctx, config, tid, start_ns) {
-        if let Some(current) = INFLIGHT.get_ptr_mut(tid) {
-            // SAFETY: this thread's own entry, inserted above.
-            unsafe { (*current).has_args = 1 };
-        }
+        // SAFETY: as above.
+        unsafe { (*entry).has_args = 1 };
     }
     0
 }
 
-/// `-EEXIST` from a `BPF_NOEXIST` insert: the thread is already in a request.
-const EEXIST: i32 = -17;
-
 #[uretprobe]
 pub fn request_return(_ctx: RetProbeContext) -> u32 {
     let (tid, _) = current_ids();
-    if let Some(inflight) = INFLIGHT.get_ptr_mut(tid) {
+    if let Some(entry) = INFLIGHT.get_ptr_mut(tid) {
         // SAFETY: the entry belongs to this thread, which is running here.
         unsafe {
-            if (*inflight).depth > 1 {
-                (*inflight).depth -= 1;
+            if (*entry).start_ns == 0 {
                 return 0;
             }
-            finish(tid, &*inflight, OUTCOME_RETURNED, 0, 0);
+            if (*entry).depth > 1 {
+                (*entry).depth -= 1;
+                return 0;
+            }
+            end_request(tid, entry, OUTCOME_RETURNED);
         }
     }
     0
@@ -100,17 +100,38 @@ pub fn request_return(_ctx: RetProbeContext) -> u32 {
 #[uprobe]
 pub fn request_exit(_ctx: ProbeContext) -> u32 {
     let (tid, _) = current_ids();
-    if let Some(inflight) = INFLIGHT.get_ptr_mut(tid) {
+    if let Some(entry) = INFLIGHT.get_ptr_mut(tid) {
         // SAFETY: the entry belongs to this thread, which is running here.
-        finish(tid, unsafe { &*inflight }, OUTCOME_RETURNED, 0, 0);
+        unsafe {
+            if (*entry).start_ns != 0 {
+                end_request(tid, entry, OUTCOME_RETURNED);
+            }
+        }
     }
     0
 }
 
-/// Ends `tid`'s request: a completion record if it was reported, then the
-/// entry goes. Shared by every path that ends a request.
+/// Ends the request `entry` holds and leaves the entry idle for the
+/// thread's next request.
+///
+/// # Safety
+/// `entry` is `tid`'s own `INFLIGHT` entry, and the caller runs as `tid`.
 #[inline(always)]
-pub fn finish(tid: u32, inflight: &Inflight, outcome: u32, signal: u32, exit_code: u32) {
+pub unsafe fn end_request(tid: u32, entry: *mut Inflight, outcome: u32) {
+    // SAFETY: per the contract.
+    unsafe {
+        complete(tid, &*entry, outcome, 0, 0);
+        (*entry).start_ns = 0;
+        (*entry).reported = 0;
+        (*entry).has_args = 0;
+        (*entry).depth = 0;
+    }
+}
+
+/// A request ends: a completion record if it was reported, and its
+/// captured arguments go. Shared by every path that ends a request.
+#[inline(always)]
+pub fn complete(tid: u32, inflight: &Inflight, outcome: u32, signal: u32, exit_code: u32) {
     if inflight.reported != 0 {
         let completion = CompletionEvent {
             kind: EVENT_COMPLETION,
@@ -129,7 +150,6 @@ pub fn finish(tid: u32, inflight: &Inflight, outcome: u32, signal: u32, exit_cod
     if inflight.has_args != 0 {
         let _ = REQUEST_ARGS.remove(tid);
     }
-    let _ = INFLIGHT.remove(tid);
 }
 
 /// Records the target's `--capture` arguments for `tid`'s new request.

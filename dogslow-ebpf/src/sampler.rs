@@ -22,7 +22,7 @@ pub fn stall_sampler(ctx: PerfEventContext) -> u32 {
     // SAFETY: the entry is the interrupted thread's; its own probes cannot
     // run while it is interrupted here.
     let snapshot = unsafe { *inflight };
-    if snapshot.reported != 0 || now_ns() < snapshot.deadline_ns {
+    if snapshot.start_ns == 0 || snapshot.reported != 0 || now_ns() < snapshot.deadline_ns {
         return 0;
     }
     // SAFETY: the helper has no preconditions.

@@ -18,6 +18,10 @@ pub fn sched_switch(ctx: BtfTracePointContext) -> i32 {
     let Some(inflight) = INFLIGHT.get_ptr_mut(tid) else {
         return 0;
     };
+    // SAFETY: the switching-out thread's own entry.
+    if unsafe { (*inflight).start_ns } == 0 {
+        return 0; // between requests
+    }
     let preempt: u64 = ctx.arg(0);
     let prev_state: u64 = ctx.arg(3);
     let state = if preempt & 1 != 0 {

@@ -36,7 +36,7 @@ pub fn capture_off_cpu(ctx: *mut TaskIterContext) -> i32 {
     };
     // SAFETY: a lookup result; the copy is what the capture describes.
     let snapshot = unsafe { *inflight };
-    if snapshot.reported != 0 || now_ns() < snapshot.deadline_ns {
+    if snapshot.start_ns == 0 || snapshot.reported != 0 || now_ns() < snapshot.deadline_ns {
         return 0;
     }
     let on_cpu: u32 = read_field(task as u64, offsets.task_on_cpu).unwrap_or(1);

@@ -9,7 +9,7 @@ use dogslow_common::{
 use crate::{
     kernel::{current_ids, read_field},
     maps::{INFLIGHT, OFFSETS},
-    request::finish,
+    request::complete,
 };
 
 /// `signal_struct::flags` bit set while the whole thread group exits.
@@ -38,7 +38,12 @@ pub fn thread_exit(ctx: BtfTracePointContext) -> i32 {
         OUTCOME_THREAD_EXITED
     };
     // SAFETY: the entry is the exiting thread's own.
-    finish(tid, unsafe { &*inflight }, outcome, signal, exit_code);
+    let request = unsafe { &*inflight };
+    if request.start_ns != 0 {
+        complete(tid, request, outcome, signal, exit_code);
+    }
+    // The thread is gone: so is its entry, idle or not.
+    let _ = INFLIGHT.remove(tid);
     0
 }
 
@@ -49,7 +54,12 @@ pub fn thread_exec(_ctx: BtfTracePointContext) -> i32 {
     let (tid, _) = current_ids();
     if let Some(inflight) = INFLIGHT.get_ptr_mut(tid) {
         // SAFETY: the entry is the exec'ing thread's own.
-        finish(tid, unsafe { &*inflight }, OUTCOME_EXECED, 0, 0);
+        let request = unsafe { &*inflight };
+        if request.start_ns != 0 {
+            complete(tid, request, OUTCOME_EXECED, 0, 0);
+        }
+        // The new program's requests start from scratch.
+        let _ = INFLIGHT.remove(tid);
     }
     0
 }

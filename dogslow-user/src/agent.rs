@@ -343,7 +343,7 @@ impl DropCounter {
             (
                 stat::INFLIGHT_FULL,
                 "inflight_full",
-                "requests were not tracked because the in-flight map was full (raise --max-inflight)",
+                "requests were not tracked because the in-flight map was full (it holds one entry per thread that makes requests: raise --max-inflight)",
             ),
             (
                 stat::RINGBUF_FULL,

@@ -128,7 +128,8 @@ pub struct AttachArgs {
     #[arg(long, value_name = "DURATION", value_parser = parse_positive_duration)]
     pub duration: Option<Duration>,
 
-    /// Most requests tracked at once across all threads; more are counted as dropped.
+    /// Most threads tracked at once (each thread in or between requests
+    /// keeps one entry until it exits); requests of more are counted as dropped.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_INFLIGHT,
           value_parser = clap::value_parser!(u32).range(16..=1_048_576))]
     pub max_inflight: u32,

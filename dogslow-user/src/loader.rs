@@ -391,7 +391,7 @@ impl Probes {
         self.max_inflight
     }
 
-    /// A snapshot of every in-flight request: (tid, entry).
+    /// A snapshot of every request in flight: (tid, entry).
     pub fn inflight(&self) -> Vec<(u32, Inflight)> {
         let Some(map) = self.ebpf.map("INFLIGHT") else {
             return Vec::new();
@@ -399,7 +399,12 @@ impl Probes {
         let Ok(inflight) = HashMap::<&MapData, u32, Inflight>::try_from(map) else {
             return Vec::new();
         };
-        inflight.iter().filter_map(Result::ok).collect()
+        // Idle entries (threads between requests) are not requests.
+        inflight
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, request)| request.start_ns != 0)
+            .collect()
     }
 
     /// The kernel-side counters, summed over CPUs (see `dogslow_common::stat`).

@@ -22,7 +22,7 @@ use crate::{
     elf::ElfImage,
     loader::{AttachError, ProbeRole, Probes, UprobeLink},
     probe_spec::{ProbeLocation, ProbeSpec},
-    procfs,
+    procfs::{self, ProcError},
     reporter::{Message, TargetInfo},
     request_args,
     targets::{self, AttachPoint, TargetError},
@@ -440,9 +440,15 @@ impl Watcher {
         pid: u32,
         explicit: bool,
     ) -> Result<(), AgentError> {
-        let error = |source: TargetError| AgentError::Target {
-            target: target.name.clone(),
-            source,
+        let error = |source: TargetError| match source {
+            // It was there when the targets were checked: it exited since.
+            TargetError::Proc(ProcError::NoSuchProcess { pid }) => {
+                AgentError::Attach(AttachError::ProcessGone { pid })
+            }
+            source => AgentError::Target {
+                target: target.name.clone(),
+                source,
+            },
         };
         let mut links = Vec::new();
         for (role, spec) in probe_roles(target) {

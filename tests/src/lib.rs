@@ -408,3 +408,33 @@ pub fn function_first_bytes(pid: u32, function: &str) -> (u8, u8) {
         .unwrap();
     (live[0], file[0])
 }
+
+/// What a program run under dogslow left: dogslow's output and the
+/// program's own stdout lines.
+pub struct Watched {
+    pub dogslow: Finished,
+    pub program: Vec<String>,
+}
+
+/// Starts `program PROGRAM_ARGS --wait`, attaches `dogslow attach --pid
+/// <it> DOGSLOW_ARGS`, lets the program serve, and waits for both (dogslow
+/// stops when its only process exits).
+pub fn watch(program: &str, program_args: &[&str], dogslow_args: &[&str]) -> Watched {
+    require_root();
+    let mut args = program_args.to_vec();
+    args.push("--wait");
+    let mut target = Target::spawn(program, &args);
+    let pid = target.pid().to_string();
+    let mut attach = vec!["attach", "--pid", &pid];
+    attach.extend_from_slice(dogslow_args);
+    let agent = Agent::start(&attach);
+    target.go();
+    let program = target.finish(Duration::from_secs(60));
+    let dogslow = agent.wait(Duration::from_secs(30));
+    assert!(
+        dogslow.status.success(),
+        "dogslow failed: {}",
+        dogslow.stderr
+    );
+    Watched { dogslow, program }
+}

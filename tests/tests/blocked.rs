@@ -13,27 +13,18 @@ const BLOCKED_BOUND_MS: u64 = TIMEOUT_MS + 100;
 /// Runs `blocked_requests MODE` once under dogslow; returns the reports and
 /// the request's (start, end) wall-clock times.
 fn run_mode(mode: &str, stall_ms: &str, timeout: &str) -> (Vec<Value>, Vec<Value>, (u64, u64)) {
-    require_root();
-    let mut target = Target::spawn(
+    let watched = watch(
         "blocked_requests",
-        &[mode, "--stall-ms", stall_ms, "--wait"],
+        &[mode, "--stall-ms", stall_ms],
+        &["--entry", "handle_request", "--timeout", timeout],
     );
-    let pid = target.pid().to_string();
-    let agent = Agent::start(&[
-        "attach",
-        "--pid",
-        &pid,
-        "--entry",
-        "handle_request",
-        "--timeout",
-        timeout,
-    ]);
-    target.go();
-    let requests = timed_lines(&target.finish(Duration::from_secs(30)), "request");
-    let finished = agent.wait(Duration::from_secs(20));
-    assert!(finished.status.success(), "{}", finished.stderr);
+    let requests = timed_lines(&watched.program, "request");
     assert_eq!(requests.len(), 1);
-    (finished.stalls(), finished.completions(), requests[0])
+    (
+        watched.dogslow.stalls(),
+        watched.dogslow.completions(),
+        requests[0],
+    )
 }
 
 fn any_of(names: &[String], candidates: &[&str]) -> bool {

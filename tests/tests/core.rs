@@ -15,33 +15,18 @@ fn running_stalls_are_reported_once_each_with_their_stack() {
 
 #[test]
 fn fast_requests_are_never_reported() {
-    require_root();
     // About 3 s of 2 ms requests.
-    let mut target = Target::spawn(
+    let watched = watch(
         "slow_requests",
-        &["--requests", "1500", "--fast-us", "2000", "--wait"],
+        &["--requests", "1500", "--fast-us", "2000"],
+        &["--entry", "handle_request", "--timeout", "300ms"],
     );
-    let pid = target.pid().to_string();
-    let agent = Agent::start(&[
-        "attach",
-        "--pid",
-        &pid,
-        "--entry",
-        "handle_request",
-        "--timeout",
-        "300ms",
-    ]);
-    target.go();
-    target.finish(Duration::from_secs(30));
-    let finished = agent.wait(Duration::from_secs(20));
-    assert!(finished.status.success(), "{}", finished.stderr);
-    assert_eq!(finished.reports(), Vec::<serde_json::Value>::new());
+    assert_eq!(watched.dogslow.reports(), Vec::<serde_json::Value>::new());
 }
 
 #[test]
 fn exit_form_requests_end_at_the_exit_function() {
-    require_root();
-    let mut target = Target::spawn(
+    let watched = watch(
         "slow_requests",
         &[
             "--requests",
@@ -51,25 +36,18 @@ fn exit_form_requests_end_at_the_exit_function() {
             "--slow-ms",
             "1200",
             "--exit-form",
-            "--wait",
+        ],
+        &[
+            "--entry",
+            "begin_request",
+            "--exit",
+            "end_request",
+            "--timeout",
+            "300ms",
         ],
     );
-    let pid = target.pid().to_string();
-    let agent = Agent::start(&[
-        "attach",
-        "--pid",
-        &pid,
-        "--entry",
-        "begin_request",
-        "--exit",
-        "end_request",
-        "--timeout",
-        "300ms",
-    ]);
-    target.go();
-    let slow = timed_lines(&target.finish(Duration::from_secs(30)), "slow");
-    let finished = agent.wait(Duration::from_secs(20));
-    let stalls = finished.stalls();
+    let slow = timed_lines(&watched.program, "slow");
+    let stalls = watched.dogslow.stalls();
     assert_eq!(stalls.len(), slow.len(), "{stalls:#?}");
     for stall in &stalls {
         assert_eq!(stall["state"], "running");
@@ -84,7 +62,7 @@ fn exit_form_requests_end_at_the_exit_function() {
             &["spin_for", "dispatch", "serve_forever", "main"],
         );
     }
-    assert_eq!(finished.completions().len(), stalls.len());
+    assert_eq!(watched.dogslow.completions().len(), stalls.len());
 }
 
 /// (file offset of `function`, file offset of its second instruction),
@@ -168,32 +146,12 @@ fn symbol_plus_offset_and_file_offset_probes() {
 
 #[test]
 fn another_request_on_the_same_thread_gets_its_own_report() {
-    require_root();
-    let mut target = Target::spawn(
+    let watched = watch(
         "slow_requests",
-        &[
-            "--requests",
-            "2",
-            "--slow-every",
-            "1",
-            "--slow-ms",
-            "800",
-            "--wait",
-        ],
+        &["--requests", "2", "--slow-every", "1", "--slow-ms", "800"],
+        &["--entry", "handle_request", "--timeout", "300ms"],
     );
-    let pid = target.pid().to_string();
-    let agent = Agent::start(&[
-        "attach",
-        "--pid",
-        &pid,
-        "--entry",
-        "handle_request",
-        "--timeout",
-        "300ms",
-    ]);
-    target.go();
-    target.finish(Duration::from_secs(30));
-    let stalls = agent.wait(Duration::from_secs(20)).stalls();
+    let stalls = watched.dogslow.stalls();
     assert_eq!(stalls.len(), 2);
     assert_eq!(stalls[0]["tid"], stalls[1]["tid"]);
     assert_ne!(stalls[0]["id"], stalls[1]["id"]);
@@ -285,26 +243,49 @@ mod bad_input {
     #[test]
     fn pid_that_exits_while_attaching() {
         require_root();
-        // The target exits 150 ms after starting; loading and verifying the
-        // eBPF programs takes longer, so it is gone when the uprobe attaches.
-        let target = Target::spawn(
-            "slow_requests",
-            &["--requests", "1", "--slow-every", "1", "--slow-ms", "150"],
-        );
+        // A private copy of the program, watched with inotify: dogslow opens
+        // it while it checks the target, and the test kills the target when
+        // the check is done, so it is gone by the time the probes attach.
+        let copy = std::env::temp_dir().join(format!("dogslow-exits-{}", std::process::id()));
+        std::fs::copy(target_bin("slow_requests"), &copy).unwrap();
+        let mut target = Target::spawn_command(std::process::Command::new(&copy).args([
+            "--requests",
+            "1",
+            "--wait",
+        ]));
         let pid = target.pid().to_string();
-        let finished = run_dogslow(&["attach", "--pid", &pid, "--entry", "handle_request"]);
-        assert!(!finished.status.success());
+        // SAFETY: plain inotify calls on a path we own.
+        let inotify = unsafe { libc::inotify_init1(libc::IN_CLOEXEC) };
+        assert!(inotify >= 0);
+        let path = std::ffi::CString::new(copy.to_str().unwrap()).unwrap();
+        // SAFETY: as above.
+        assert!(unsafe { libc::inotify_add_watch(inotify, path.as_ptr(), libc::IN_OPEN) } >= 0);
+        let dogslow = std::process::Command::new(dogslow_bin())
+            .args(["attach", "--pid", &pid, "--entry", "handle_request"])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // dogslow opens the program once per probe (return, then entry) to
+        // check it before loading; kill the target after the second.
+        let mut event = [0u8; 256];
+        for _ in 0..2 {
+            // SAFETY: reading into our own buffer; blocks until dogslow opens the copy.
+            let read = unsafe { libc::read(inotify, event.as_mut_ptr().cast(), event.len()) };
+            assert!(read > 0);
+        }
+        let _ = target.child.kill();
+        let _ = target.child.wait();
+        // SAFETY: closing our own descriptor.
+        unsafe { libc::close(inotify) };
+        let output = dogslow.wait_with_output().unwrap();
+        let _ = std::fs::remove_file(&copy);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{stderr}");
         assert!(
-            finished
-                .stderr
-                .contains("exited while dogslow was attaching")
-                || finished
-                    .stderr
-                    .contains(&format!("no process with PID {pid}")),
-            "{}",
-            finished.stderr
+            stderr.contains(&format!("process {pid} exited while dogslow was attaching")),
+            "{stderr}"
         );
-        assert!(!finished.stderr.contains("panicked"), "{}", finished.stderr);
+        assert!(!stderr.contains("panicked"), "{stderr}");
     }
 
     #[test]

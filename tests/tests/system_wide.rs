@@ -132,24 +132,13 @@ fn a_process_in_its_own_mount_and_pid_namespace() {
 
 #[test]
 fn eight_threads_stalling_at_once_get_eight_reports() {
-    require_root();
-    let mut target = Target::spawn(
+    let watched = watch(
         "threads",
-        &["spin", "--threads", "8", "--ms", "1500", "--wait"],
+        &["spin", "--threads", "8", "--ms", "1500"],
+        &["--entry", "handle_request", "--timeout", "300ms"],
     );
-    let pid = target.pid().to_string();
-    let agent = Agent::start(&[
-        "attach",
-        "--pid",
-        &pid,
-        "--entry",
-        "handle_request",
-        "--timeout",
-        "300ms",
-    ]);
-    target.go();
-    let lines = target.finish(Duration::from_secs(30));
-    let finished = agent.wait(Duration::from_secs(20));
+    let lines = watched.program;
+    let finished = watched.dogslow;
     let stalls = finished.stalls();
     assert_eq!(stalls.len(), 8, "{stalls:#?}");
     let tids: HashSet<u64> = stalls.iter().map(|s| s["tid"].as_u64().unwrap()).collect();
@@ -221,21 +210,12 @@ fn a_sigkilled_worker_gets_a_killed_completion() {
 
 #[test]
 fn a_thread_exiting_mid_request_gets_a_thread_exited_completion() {
-    require_root();
-    let mut target = Target::spawn("threads", &["exit", "--ms", "700", "--wait"]);
-    let pid = target.pid().to_string();
-    let agent = Agent::start(&[
-        "attach",
-        "--pid",
-        &pid,
-        "--entry",
-        "handle_request",
-        "--timeout",
-        "300ms",
-    ]);
-    target.go();
-    target.finish(Duration::from_secs(20));
-    let finished = agent.wait(Duration::from_secs(20));
+    let watched = watch(
+        "threads",
+        &["exit", "--ms", "700"],
+        &["--entry", "handle_request", "--timeout", "300ms"],
+    );
+    let finished = watched.dogslow;
     let stalls = finished.stalls();
     assert_eq!(stalls.len(), 1);
     let completions = finished.completions();
@@ -252,21 +232,13 @@ fn a_thread_exiting_mid_request_gets_a_thread_exited_completion() {
 
 #[test]
 fn a_recursive_entry_is_one_request_timed_from_the_outermost_call() {
-    require_root();
-    let mut target = Target::spawn("threads", &["recurse", "--ms", "1000", "--wait"]);
-    let pid = target.pid().to_string();
-    let agent = Agent::start(&[
-        "attach",
-        "--pid",
-        &pid,
-        "--entry",
-        "handle_request",
-        "--timeout",
-        "300ms",
-    ]);
-    target.go();
-    let lines = target.finish(Duration::from_secs(20));
-    let finished = agent.wait(Duration::from_secs(20));
+    let watched = watch(
+        "threads",
+        &["recurse", "--ms", "1000"],
+        &["--entry", "handle_request", "--timeout", "300ms"],
+    );
+    let lines = watched.program;
+    let finished = watched.dogslow;
     let stalls = finished.stalls();
     assert_eq!(stalls.len(), 1, "one request, not five: {stalls:#?}");
     let stall = &stalls[0];
@@ -302,26 +274,19 @@ fn a_recursive_entry_is_one_request_timed_from_the_outermost_call() {
 
 #[test]
 fn a_full_inflight_map_is_counted_never_silent() {
-    require_root();
-    let mut target = Target::spawn(
+    let watched = watch(
         "threads",
-        &["sleep", "--threads", "20", "--ms", "800", "--wait"],
+        &["sleep", "--threads", "20", "--ms", "800"],
+        &[
+            "--entry",
+            "handle_request",
+            "--timeout",
+            "10s",
+            "--max-inflight",
+            "16",
+        ],
     );
-    let pid = target.pid().to_string();
-    let agent = Agent::start(&[
-        "attach",
-        "--pid",
-        &pid,
-        "--entry",
-        "handle_request",
-        "--timeout",
-        "10s",
-        "--max-inflight",
-        "16",
-    ]);
-    target.go();
-    target.finish(Duration::from_secs(20));
-    let finished = agent.wait(Duration::from_secs(20));
+    let finished = watched.dogslow;
     assert!(finished.status.success());
     assert!(
         finished
