@@ -267,22 +267,30 @@ pub fn run(bench: &Bench) -> Result<Section> {
         Summary::of(&added(at(Config::DogslowElsewhere))),
         Summary::of(&added(at(Config::FloorElsewhere))),
     ) {
-        let cause = if floor.median.abs() < 10.0 {
-            "Empty per-process probes on another process add nothing measurable, so this is \
-             dogslow's own machine-wide work at each switch: its `sched_switch` program \
-             (dogslow-ebpf/src/sched_switch.rs), which runs for every thread on the host."
+        if dogslow.min <= 0.0 {
+            section.notes.push(format!(
+                "While dogslow watches another process, the context switches of threads it does \
+                 not watch cost {} ns more: not distinguishable from zero in this run.",
+                dogslow.show(0)
+            ));
         } else {
-            "Part of it comes with any per-process perf event (the empty probes elsewhere), the \
-             rest is dogslow's machine-wide `sched_switch` program \
-             (dogslow-ebpf/src/sched_switch.rs)."
-        };
-        section.notes.push(format!(
-            "**Processes dogslow does not watch pay too.** While dogslow watches another \
-             process, each context switch of these unwatched threads costs {} ns more; empty \
-             per-process probes on another process (no dogslow) add {} ns. {cause}",
-            dogslow.show(0),
-            floor.show(0)
-        ));
+            let cause = if floor.median.abs() < 10.0 {
+                "Empty per-process probes on another process add nothing measurable, so this is \
+                 dogslow's own machine-wide work at each switch: its `sched_switch` program \
+                 (dogslow-ebpf/src/sched_switch.rs), which runs for every thread on the host."
+            } else {
+                "Part of it comes with any per-process perf event (the empty probes elsewhere), \
+                 the rest is dogslow's machine-wide `sched_switch` program \
+                 (dogslow-ebpf/src/sched_switch.rs)."
+            };
+            section.notes.push(format!(
+                "**Processes dogslow does not watch pay too.** While dogslow watches another \
+                 process, each context switch of these unwatched threads costs {} ns more; empty \
+                 per-process probes on another process (no dogslow) add {} ns. {cause}",
+                dogslow.show(0),
+                floor.show(0)
+            ));
+        }
     }
     Ok(section)
 }
