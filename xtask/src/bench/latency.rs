@@ -124,8 +124,13 @@ fn rfc3339_ns(value: &Value) -> Option<u64> {
     Some(time.duration_since(std::time::UNIX_EPOCH).ok()?.as_nanos() as u64)
 }
 
+/// How far a report's start may be from the start the target printed: far
+/// more than a preemption between the print and the call, far less than
+/// the time between two requests of one thread.
+const MATCH_WINDOW_NS: u64 = 100_000_000;
+
 /// Pairs each stall report with the request it is about (same thread,
-/// start within a few ms: reports carry the start to the millisecond).
+/// start within `MATCH_WINDOW_NS`: reports carry it to the millisecond).
 fn match_reports(kind: StallKind, starts: &[(u64, u64)], reports: &[Line]) -> Measured {
     let deadline_ns = TIMEOUT_MS * 1_000_000;
     let mut matched = vec![false; starts.len()];
@@ -157,8 +162,13 @@ fn match_reports(kind: StallKind, starts: &[(u64, u64)], reports: &[Line]) -> Me
             .filter(|(i, (t, _))| *t == tid && !matched[*i])
             .min_by_key(|(_, (_, start))| start.abs_diff(started));
         match found {
-            Some((index, &(_, start))) if start.abs_diff(started) < 5_000_000 => {
+            Some((index, &(_, printed))) if printed.abs_diff(started) < MATCH_WINDOW_NS => {
                 matched[index] = true;
+                // The target prints its start just before the call; on a busy
+                // machine it can be preempted in between, so the request
+                // began at the later of that and the report's own start
+                // (which is truncated to the millisecond).
+                let start = printed.max(started);
                 let deadline = start + deadline_ns;
                 let end_to_end = (line.read_ns as f64 - deadline as f64) / 1e6;
                 measured.end_to_end_ms.push(end_to_end);
@@ -186,8 +196,9 @@ pub fn run(bench: &Bench) -> Result<Section> {
         "Requests of `stall_request` in the bench target stall for {} ms against a {TIMEOUT_MS} ms \
          deadline, spinning on a CPU (running: one thread) or sleeping in `nanosleep` (blocked: \
          {} threads at once), {GAP_MS} ms (randomized 0.5×–1.5×) apart so that starts do not lock \
-         onto the sampler's phase. The target prints each request's start (CLOCK_REALTIME) as it \
-         begins; the bench stamps each report line as it reads it from dogslow's stdout pipe. \
+         onto the sampler's phase. The target prints each request's start (CLOCK_REALTIME) just \
+         before the call (a request starts at the later of that and the report's `started`, in \
+         case the thread was preempted in between); the bench stamps each report line as it reads it from dogslow's stdout pipe. \
          Latency = report read − (request start + deadline): it includes capture, unwinding, \
          symbolization and the write. The capture column is the report's own `elapsed_ms − \
          timeout_ms` (whole milliseconds): when the stack was taken. dogslow runs with its \
