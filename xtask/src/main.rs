@@ -1,6 +1,7 @@
 //! The developer front door: `cargo xtask setup | build | image | demo | test | bench`.
 //! Every command sets up what is missing first (idempotent, fast when all is
 //! present), so each works on a fresh machine of this project's kind.
+mod bench;
 mod image;
 mod setup;
 
@@ -39,6 +40,15 @@ enum Task {
         /// Only run integration tests whose name contains this.
         filter: Option<String>,
     },
+    /// Measure what dogslow costs, beside the kernel floor and bpftrace; writes BENCHMARKS.md.
+    Bench {
+        /// A minute or two of fewer, shorter runs (CI: checks the bench works).
+        #[arg(long)]
+        quick: bool,
+        /// Only the benchmarks whose title contains this (results go to target/bench).
+        #[arg(long)]
+        only: Option<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -63,6 +73,12 @@ fn main() -> Result<()> {
             setup::all()?;
             build(&root)?;
             test(&root, filter.as_deref())
+        }
+        Task::Bench { quick, only } => {
+            setup::all()?;
+            build(&root)?;
+            require_root("the benchmarks")?;
+            bench::run(&root, &dogslow_bin(&root), quick, only.as_deref())
         }
     }
 }
