@@ -22,7 +22,7 @@ use crate::{
     reporter::{Message, Reporter},
     sinks::{SinkError, SinkSet, smtp::PASSWORD_ENV},
     targets::TargetError,
-    tracker::{needs_off_cpu_capture, next_scan_in},
+    tracker::{needs_off_cpu_capture, needs_sampling, next_scan_in},
     watch::Watcher,
 };
 
@@ -138,7 +138,7 @@ impl Agent<'_> {
         watch.set_missed_tick_behavior(MissedTickBehavior::Skip);
         let stop_at = self.config.duration.map(|d| Instant::now() + d);
         let mut drops = DropCounter::default();
-        let mut capture_failed = false;
+        let mut warned = Warned::default();
 
         loop {
             tokio::select! {
@@ -150,12 +150,7 @@ impl Agent<'_> {
                 () = &mut next_scan => {
                     let inflight = self.probes.inflight();
                     let now = Clock::boot_ns();
-                    if needs_off_cpu_capture(&inflight, now)
-                        && let Err(err) = self.probes.capture_off_cpu()
-                            && !capture_failed {
-                                eprintln!("dogslow: {err}; blocked requests cannot be reported");
-                                capture_failed = true;
-                            }
+                    self.capture_overdue(&inflight, now, &mut warned);
                     let min_timeout_ns = self
                         .watcher
                         .min_timeout()
@@ -195,6 +190,30 @@ impl Agent<'_> {
                 .count()
         );
         Ok(())
+    }
+
+    /// The deadline scan's work: off-CPU captures for overdue requests whose
+    /// threads switched out, and the sampler on while any overdue request
+    /// is not yet captured (its thread may be on a CPU).
+    fn capture_overdue(
+        &mut self,
+        inflight: &[(u32, dogslow_common::Inflight)],
+        now: u64,
+        warned: &mut Warned,
+    ) {
+        if let Err(err) = self.probes.set_sampling(needs_sampling(inflight, now))
+            && !warned.sampling
+        {
+            eprintln!("dogslow: {err}; requests stalled on a CPU cannot be reported");
+            warned.sampling = true;
+        }
+        if needs_off_cpu_capture(inflight, now)
+            && let Err(err) = self.probes.capture_off_cpu()
+            && !warned.capture
+        {
+            eprintln!("dogslow: {err}; blocked requests cannot be reported");
+            warned.capture = true;
+        }
     }
 
     /// Gauges read once a second.
@@ -323,6 +342,13 @@ fn drain(
             }
         }
     }
+}
+
+/// Failures said once on stderr, not at every scan.
+#[derive(Default)]
+struct Warned {
+    sampling: bool,
+    capture: bool,
 }
 
 /// Says on stderr, and in the metrics, when the kernel side had to drop

@@ -12,7 +12,9 @@ use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{
         BtfTracePoint, Iter, PerfEvent, ProgramError, UProbe,
-        perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
+        perf_event::{
+            PerfEventConfig, PerfEventLinkId, PerfEventScope, SamplePolicy, SoftwareEvent,
+        },
         uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope},
     },
 };
@@ -130,6 +132,10 @@ pub struct LoadOptions {
 pub struct Probes {
     ebpf: Ebpf,
     max_inflight: u32,
+    sample_hz: u64,
+    cpus: Vec<u32>,
+    /// The sampler's per-CPU events while it runs (see `set_sampling`).
+    sampling: Vec<PerfEventLinkId>,
 }
 
 const TRACEPOINTS: [(&str, &str); 3] = [
@@ -191,19 +197,6 @@ impl Probes {
         })?;
         let cpus = aya::util::online_cpus()
             .map_err(|(what, err)| LoadError::Cpus(format!("{what}: {err}")))?;
-        for cpu in cpus {
-            sampler
-                .attach(
-                    PerfEventConfig::Software(SoftwareEvent::CpuClock),
-                    PerfEventScope::AllProcessesOneCpu { cpu },
-                    SamplePolicy::Frequency(options.sample_hz),
-                    false,
-                )
-                .map_err(|source| LoadError::Program {
-                    program: "stall_sampler",
-                    source,
-                })?;
-        }
 
         let iter: &mut Iter = program_mut(&mut ebpf, "capture_off_cpu")?;
         iter.load("task", &btf)
@@ -214,7 +207,49 @@ impl Probes {
         Ok(Self {
             ebpf,
             max_inflight: options.max_inflight,
+            sample_hz: options.sample_hz,
+            cpus,
+            sampling: Vec::new(),
         })
+    }
+
+    /// Runs the cpu-clock sampler on every CPU, or stops it. It only has
+    /// work while some request is past its deadline and not yet captured
+    /// (a thread stalled on a CPU), and sampling every CPU at 99 Hz costs a
+    /// busy server several percent, so the agent turns it on at the first
+    /// overdue deadline and off when every overdue request is captured.
+    pub fn set_sampling(&mut self, on: bool) -> Result<(), LoadError> {
+        if on == self.sampling() {
+            return Ok(());
+        }
+        let sampler: &mut PerfEvent = program_mut(&mut self.ebpf, "stall_sampler")?;
+        let error = |source| LoadError::Program {
+            program: "stall_sampler",
+            source,
+        };
+        if !on {
+            for link in self.sampling.drain(..) {
+                sampler.detach(link).map_err(error)?;
+            }
+            return Ok(());
+        }
+        for &cpu in &self.cpus {
+            let link = sampler
+                .attach(
+                    PerfEventConfig::Software(SoftwareEvent::CpuClock),
+                    PerfEventScope::AllProcessesOneCpu { cpu },
+                    SamplePolicy::Frequency(self.sample_hz),
+                    false,
+                )
+                .map_err(error)?;
+            self.sampling.push(link);
+        }
+        Ok(())
+    }
+
+    /// Whether the sampler runs now.
+    pub fn sampling(&self) -> bool {
+        !self.sampling.is_empty()
     }
 
     /// Writes target `index`'s timeout and flags.

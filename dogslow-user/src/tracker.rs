@@ -87,6 +87,14 @@ pub fn needs_off_cpu_capture(inflight: &[(u32, Inflight)], now_ns: u64) -> bool 
     })
 }
 
+/// Whether some request is past its deadline and not yet captured: then
+/// the cpu-clock sampler must run, in case its thread is on a CPU.
+pub fn needs_sampling(inflight: &[(u32, Inflight)], now_ns: u64) -> bool {
+    inflight
+        .iter()
+        .any(|(_, request)| request.reported == 0 && now_ns >= request.deadline_ns)
+}
+
 /// When the deadline scan must look again. Requests that start after `now`
 /// cannot be due before `now + min_timeout`, and the current ones are due
 /// at their deadlines; an overdue one that is still unreported (its thread
@@ -178,6 +186,24 @@ mod tests {
         tracker.on_stall(&capture(3, 1));
         assert_eq!(tracker.open_reports(), 2);
         assert_eq!(tracker.on_completion(&completion(1, 1)), None);
+    }
+
+    #[test]
+    fn sampling_only_while_an_overdue_request_is_unreported() {
+        let request = |deadline_ns, reported| {
+            (
+                1,
+                Inflight {
+                    deadline_ns,
+                    reported,
+                    ..Default::default()
+                },
+            )
+        };
+        assert!(!needs_sampling(&[], 100));
+        assert!(!needs_sampling(&[request(200, 0)], 100));
+        assert!(needs_sampling(&[request(200, 0)], 200));
+        assert!(!needs_sampling(&[request(200, 1)], 300));
     }
 
     #[test]
