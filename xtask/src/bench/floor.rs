@@ -178,11 +178,7 @@ pub struct FloorProbes {
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_PROG_TYPE_KPROBE: u32 = 2;
-const BPF_PROG_TYPE_PERF_EVENT: u32 = 7;
-const PERF_TYPE_SOFTWARE: u32 = 1;
-const PERF_COUNT_SW_CPU_CLOCK: u64 = 0;
 /// `perf_event_attr.freq`: sample_freq instead of sample_period.
-const PERF_ATTR_FREQ: u64 = 1 << 10;
 const BPF_PERF_EVENT: u32 = 41;
 const BPF_TRACE_UPROBE_MULTI: u32 = 48;
 const BPF_F_UPROBE_MULTI_RETURN: u32 = 1;
@@ -306,69 +302,6 @@ pub fn attach(
         _events: events,
         _program: program,
     })
-}
-
-/// An empty program on a cpu-clock perf event sampling at `hz` on every
-/// online CPU, frequency-driven: dogslow's on-CPU stall sampler with
-/// nothing to do.
-pub fn attach_sampler(hz: u64) -> Result<FloorProbes> {
-    let program = load_empty(BPF_PROG_TYPE_PERF_EVENT, 0)?;
-    let mut events = Vec::new();
-    let mut links = Vec::new();
-    for cpu in online_cpus()? {
-        let mut attr = [0u8; 128];
-        put_u32(&mut attr, 0, PERF_TYPE_SOFTWARE); // type
-        put_u32(&mut attr, 4, 128); // size
-        put_u64(&mut attr, 8, PERF_COUNT_SW_CPU_CLOCK); // config
-        put_u64(&mut attr, 16, hz); // sample_freq
-        put_u64(&mut attr, 40, PERF_ATTR_FREQ); // flags
-        // SAFETY: attr is a perf_event_attr of the size it declares.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_perf_event_open,
-                attr.as_ptr(),
-                -1 as libc::pid_t,
-                cpu as libc::c_int,
-                -1 as libc::c_int,
-                PERF_FLAG_FD_CLOEXEC,
-            )
-        };
-        if fd < 0 {
-            bail!(
-                "perf_event_open of a cpu-clock sampler on CPU {cpu}: {}",
-                std::io::Error::last_os_error()
-            );
-        }
-        // SAFETY: a new fd that nothing else owns.
-        let event = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-        let mut link_attr = [0u8; 64];
-        put_u32(&mut link_attr, 0, fd_raw(&program)); // prog_fd
-        put_u32(&mut link_attr, 4, fd_raw(&event)); // target_fd
-        put_u32(&mut link_attr, 8, BPF_PERF_EVENT); // attach_type
-        links.push(
-            bpf(BPF_LINK_CREATE, &mut link_attr)
-                .context("linking the empty sampler program (BPF_LINK_CREATE)")?,
-        );
-        events.push(event);
-    }
-    Ok(FloorProbes {
-        _links: links,
-        _events: events,
-        _program: program,
-    })
-}
-
-/// The online CPUs, from /sys/devices/system/cpu/online ("0-3,6").
-fn online_cpus() -> Result<Vec<u32>> {
-    let text = std::fs::read_to_string("/sys/devices/system/cpu/online")
-        .context("reading /sys/devices/system/cpu/online")?;
-    let mut cpus = Vec::new();
-    for part in text.trim().split(',') {
-        let (first, last) = part.split_once('-').unwrap_or((part, part));
-        let (first, last): (u32, u32) = (first.parse()?, last.parse()?);
-        cpus.extend(first..=last);
-    }
-    Ok(cpus)
 }
 
 /// One `uprobe_multi` link for the entries and one for the returns.
