@@ -59,7 +59,7 @@ pub fn request_entry(ctx: ProbeContext) -> u32 {
             // the earlier request was abandoned (an error path skipped it).
             end_request(tid, entry, OUTCOME_ABANDONED);
         }
-        (*entry).deadline_ns = start_ns + config.timeout_ns;
+        (*entry).deadline_ns = start_ns.saturating_add(config.timeout_ns);
         (*entry).off_cpu_since_ns = 0;
         (*entry).switch_outs = 0;
         (*entry).tgid = tgid;

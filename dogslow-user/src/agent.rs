@@ -1,7 +1,7 @@
 //! The agent: checks, resolves and attaches the targets, then runs the event
 //! loop (ring buffer, deadline scan, process watch, signals) until told to
 //! stop, and drains every captured report before returning.
-use std::{path::PathBuf, sync::mpsc, time::Duration};
+use std::{path::PathBuf, sync::mpsc, thread, time::Duration};
 
 use dogslow_common::stat;
 use thiserror::Error;
@@ -48,6 +48,11 @@ pub enum AgentError {
     Sinks(#[from] SinkError),
     #[error(transparent)]
     Metrics(#[from] MetricsError),
+    #[error(
+        "the reporting thread stopped unexpectedly (a dogslow bug: see the message above); \
+         reports after that point were not written"
+    )]
+    ReporterFailed,
 }
 
 /// Runs `config` until its duration ends, SIGINT/SIGTERM, or every watched
@@ -100,15 +105,18 @@ pub fn run(config: AgentConfig, config_path: Option<PathBuf>) -> Result<(), Agen
         config,
         config_path,
         tx: &tx,
+        reporter: &reporter,
         metrics,
     };
     let result = runtime.block_on(agent.event_loop());
-    // Close the channel so the reporter drains and finishes, then detach.
-    drop(tx);
+    // Detach at once (the ring buffer was drained last), then close the
+    // channel so the reporter writes what it has and finishes its sinks.
     drop(watcher);
-    let _ = reporter.join();
     drop(probes);
-    result
+    drop(tx);
+    let reported = reporter.join();
+    result?;
+    reported.map_err(|_| AgentError::ReporterFailed)
 }
 
 /// The event loop's state.
@@ -118,6 +126,7 @@ struct Agent<'a> {
     config: AgentConfig,
     config_path: Option<PathBuf>,
     tx: &'a mpsc::Sender<Message>,
+    reporter: &'a thread::JoinHandle<()>,
     metrics: Metrics,
 }
 
@@ -159,6 +168,10 @@ impl Agent<'_> {
                     next_scan.as_mut().reset(Instant::now() + Duration::from_nanos(wait));
                 }
                 _ = watch.tick() => {
+                    if self.reporter.is_finished() {
+                        // Nothing would write the reports: say so and stop.
+                        return Err(AgentError::ReporterFailed);
+                    }
                     drops.check(&self.probes.stats(), &self.metrics);
                     self.watcher.rescan(self.probes);
                     self.observe();
@@ -290,12 +303,20 @@ impl Agent<'_> {
         }
         match self.watcher.reload(self.probes, new.targets.clone()) {
             Ok(summary) => {
+                if summary.failed > 0 {
+                    self.metrics.attach_errors.inc();
+                }
                 eprintln!(
-                    "dogslow: reloaded {}: {} target(s) kept, {} added, {} removed{}",
+                    "dogslow: reloaded {}: {} target(s) kept, {} added, {} removed{}{}",
                     path.display(),
                     summary.kept,
                     summary.added,
                     summary.removed,
+                    if summary.failed > 0 {
+                        format!(", {} could not be attached (see above)", summary.failed)
+                    } else {
+                        String::new()
+                    },
                     if outputs_changed { "; new outputs" } else { "" }
                 );
                 self.config.targets = new.targets;

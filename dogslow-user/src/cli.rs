@@ -314,6 +314,16 @@ mod tests {
         assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
         assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
         assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+        // Absurd lengths are refused, not wrapped or panicked on.
+        for huge in ["1e20", "1e300", "20y", "9999999999999999999s"] {
+            let err = parse_duration(huge).unwrap_err();
+            assert!(
+                err.contains("too long") || err.contains("not a duration"),
+                "{huge}: {err}"
+            );
+        }
+        assert!(parse_duration("3650days").is_ok());
+        assert!(parse_timeout("1e20").unwrap_err().contains("too long"));
         assert!(
             parse_duration("soon")
                 .unwrap_err()

@@ -190,18 +190,25 @@ fn default_sender() -> lettre::message::Mailbox {
     })
 }
 
+/// The longest duration accepted anywhere: longer ones are typos, and
+/// deadlines and timers must not overflow.
+const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 /// A human duration (`250ms`, `2s`, `1m`, `1h30m`); bare numbers are seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    if let Ok(seconds) = text.parse::<f64>()
-        && seconds.is_finite()
-        && seconds >= 0.0
-    {
-        return Ok(Duration::from_secs_f64(seconds));
+    let duration = match text.parse::<f64>() {
+        Ok(seconds) if seconds.is_finite() && seconds >= 0.0 => {
+            Duration::try_from_secs_f64(seconds).unwrap_or(Duration::MAX)
+        }
+        _ => humantime::parse_duration(text).map_err(|err| {
+            format!("`{text}` is not a duration ({err}); write e.g. 250ms, 2s, 1m or 1h30m")
+        })?,
+    };
+    if duration > MAX_DURATION {
+        return Err(format!("`{text}` is too long: at most 10 years (3650days)"));
     }
-    humantime::parse_duration(text).map_err(|err| {
-        format!("`{text}` is not a duration ({err}); write e.g. 250ms, 2s, 1m or 1h30m")
-    })
+    Ok(duration)
 }
 
 pub fn parse_positive_duration(text: &str) -> Result<Duration, String> {

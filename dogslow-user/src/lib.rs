@@ -11,6 +11,7 @@ pub mod kube;
 pub mod loader;
 pub mod metrics;
 pub mod privileges;
+pub mod probe_cost;
 pub mod probe_list;
 pub mod probe_spec;
 pub mod procfs;

@@ -18,7 +18,9 @@ use aya::{
         uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope},
     },
 };
-use dogslow_common::{CaptureSettings, Inflight, KernelOffsets, MAX_TARGETS, TargetConfig, stat};
+use dogslow_common::{
+    CaptureSettings, Inflight, KernelOffsets, MAX_TARGETS, RequestArgs, TargetConfig, stat,
+};
 use thiserror::Error;
 
 use crate::{
@@ -409,14 +411,18 @@ impl Probes {
             .filter(|(_, request)| slots.contains(&request.target))
             .map(|(tid, _)| tid)
             .collect();
-        for map in ["INFLIGHT", "REQUEST_ARGS"] {
-            let Some(map) = self.ebpf.map_mut(map) else {
-                continue;
-            };
-            if let Ok(mut requests) = HashMap::<&mut MapData, u32, Inflight>::try_from(map) {
-                for tid in &stale {
-                    let _ = requests.remove(tid);
-                }
+        if let Some(map) = self.ebpf.map_mut("INFLIGHT")
+            && let Ok(mut requests) = HashMap::<&mut MapData, u32, Inflight>::try_from(map)
+        {
+            for tid in &stale {
+                let _ = requests.remove(tid);
+            }
+        }
+        if let Some(map) = self.ebpf.map_mut("REQUEST_ARGS")
+            && let Ok(mut args) = HashMap::<&mut MapData, u32, RequestArgs>::try_from(map)
+        {
+            for tid in &stale {
+                let _ = args.remove(tid);
             }
         }
     }

@@ -2,7 +2,7 @@
 //! gets one clear sentence instead of an EPERM deep inside the loader, or,
 //! worse, no error at all: without CAP_SYS_PTRACE or CAP_DAC_READ_SEARCH a
 //! `--binary` target's processes are silently never found and stacks come
-//! out unsymbolized.
+//! out unsymbolized, and without CAP_SYSLOG kernel frames have no names.
 //!
 //! The set is the one proven necessary by running the agent as an
 //! unprivileged uid with only ambient capabilities (README, "Deploying on
@@ -14,6 +14,7 @@ use thiserror::Error;
 const CAP_DAC_READ_SEARCH: u32 = 2;
 const CAP_SYS_PTRACE: u32 = 19;
 const CAP_SYS_ADMIN: u32 = 21;
+const CAP_SYSLOG: u32 = 34;
 
 /// Each required capability, with what fails without it.
 const REQUIRED: &[(u32, &str, &str)] = &[
@@ -37,15 +38,23 @@ const REQUIRED: &[(u32, &str, &str)] = &[
          processes and search container root file systems; without it stacks are not \
          symbolized",
     ),
+    (
+        CAP_SYSLOG,
+        "CAP_SYSLOG",
+        "to read kernel symbol addresses in /proc/kallsyms, which shows zeros to others \
+         (unless kernel.perf_event_paranoid <= 1); without it kernel stacks have no function \
+         names",
+    ),
 ];
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum PrivilegeError {
     #[error(
-        "dogslow needs root, or the capabilities CAP_SYS_ADMIN, CAP_SYS_PTRACE and \
-         CAP_DAC_READ_SEARCH; missing: {missing}. Run it with sudo, grant them with \
-         `sudo setcap cap_sys_admin,cap_sys_ptrace,cap_dac_read_search+ep $(command -v dogslow)`, \
-         or in a container add exactly these three (see the README's Kubernetes section)"
+        "dogslow needs root, or the capabilities CAP_SYS_ADMIN, CAP_SYS_PTRACE, \
+         CAP_DAC_READ_SEARCH and CAP_SYSLOG; missing: {missing}. Run it with sudo, grant them \
+         with `sudo setcap cap_sys_admin,cap_sys_ptrace,cap_dac_read_search,cap_syslog+ep \
+         $(command -v dogslow)`, or in a container add exactly these four (see the README's \
+         Kubernetes section)"
     )]
     Missing { missing: String },
     #[error("cannot read this process's capabilities from /proc/self/status: {0}")]
@@ -112,7 +121,12 @@ mod tests {
     #[test]
     fn the_proven_set_is_enough() {
         assert_eq!(
-            missing(caps(&[CAP_SYS_ADMIN, CAP_SYS_PTRACE, CAP_DAC_READ_SEARCH])),
+            missing(caps(&[
+                CAP_SYS_ADMIN,
+                CAP_SYS_PTRACE,
+                CAP_DAC_READ_SEARCH,
+                CAP_SYSLOG
+            ])),
             Ok(())
         );
     }
@@ -121,7 +135,7 @@ mod tests {
     fn unprivileged_user_is_told_what_is_missing_and_why() {
         let err = missing(0).unwrap_err().to_string();
         assert!(err.contains("missing: CAP_SYS_ADMIN ("), "{err}");
-        for name in ["CAP_SYS_PTRACE (", "CAP_DAC_READ_SEARCH ("] {
+        for name in ["CAP_SYS_PTRACE (", "CAP_DAC_READ_SEARCH (", "CAP_SYSLOG ("] {
             assert!(err.contains(name), "{name} not named: {err}");
         }
         assert!(err.contains("sudo"), "{err}");
@@ -145,7 +159,12 @@ mod tests {
     #[test]
     fn each_missing_capability_is_named_alone() {
         for (cap, name, _) in REQUIRED {
-            let all = caps(&[CAP_SYS_ADMIN, CAP_SYS_PTRACE, CAP_DAC_READ_SEARCH]);
+            let all = caps(&[
+                CAP_SYS_ADMIN,
+                CAP_SYS_PTRACE,
+                CAP_DAC_READ_SEARCH,
+                CAP_SYSLOG,
+            ]);
             let err = missing(all & !(1u64 << cap)).unwrap_err().to_string();
             let named: Vec<_> = REQUIRED
                 .iter()

@@ -12,6 +12,7 @@ use thiserror::Error;
 
 use crate::{
     elf::{ElfError, ElfImage, FunctionSymbol, demangle},
+    probe_cost::{self, FirstInstruction},
     procfs::{self, ProcError},
     usdt::{self, UsdtError, UsdtProbe},
 };
@@ -56,8 +57,15 @@ pub struct ObjectListing {
     /// For a library of a process, the name to put before `:` in a probe
     /// spec (`libc.so.6`); `None` for the executable.
     pub library: Option<String>,
-    pub usdt: Vec<UsdtProbe>,
-    pub functions: Vec<FunctionSymbol>,
+    pub usdt: Vec<Listed<UsdtProbe>>,
+    pub functions: Vec<Listed<FunctionSymbol>>,
+}
+
+/// A USDT probe or function, with the instruction a probe on it would hit.
+#[derive(Clone, Debug)]
+pub struct Listed<T> {
+    pub item: T,
+    pub instruction: FirstInstruction,
 }
 
 impl ObjectListing {
@@ -160,11 +168,24 @@ fn listing(
             })
             .collect();
     }
+    let listed = |file_offset| probe_cost::at(image, file_offset);
     Ok(ObjectListing {
         path,
         library,
-        usdt,
-        functions,
+        usdt: usdt
+            .into_iter()
+            .map(|probe| Listed {
+                instruction: listed(probe.file_offset),
+                item: probe,
+            })
+            .collect(),
+        functions: functions
+            .into_iter()
+            .map(|function| Listed {
+                instruction: listed(function.file_offset),
+                item: function,
+            })
+            .collect(),
     })
 }
 
@@ -190,7 +211,11 @@ fn hex(value: u64) -> String {
 /// One JSON object per USDT probe and per function.
 pub fn write_json(listings: &[ObjectListing], out: &mut impl Write) -> io::Result<()> {
     for listing in listings {
-        for probe in &listing.usdt {
+        for Listed {
+            item: probe,
+            instruction,
+        } in &listing.usdt
+        {
             let arguments: Vec<serde_json::Value> = probe
                 .arg_text
                 .split_whitespace()
@@ -216,10 +241,16 @@ pub fn write_json(listings: &[ObjectListing], out: &mut impl Write) -> io::Resul
                 "semaphore": probe.semaphore.map(hex),
                 "semaphore_offset": probe.semaphore_offset.map(hex),
                 "arguments": arguments,
+                "instruction": instruction.text,
+                "uprobe": instruction.handling.as_str(),
             });
             writeln!(out, "{line}")?;
         }
-        for function in &listing.functions {
+        for Listed {
+            item: function,
+            instruction,
+        } in &listing.functions
+        {
             let line = json!({
                 "kind": "function",
                 "object": listing.path,
@@ -229,6 +260,8 @@ pub fn write_json(listings: &[ObjectListing], out: &mut impl Write) -> io::Resul
                 "address": hex(function.vaddr),
                 "file_offset": hex(function.file_offset),
                 "size": function.size,
+                "instruction": instruction.text,
+                "uprobe": instruction.handling.as_str(),
             });
             writeln!(out, "{line}")?;
         }
@@ -271,26 +304,39 @@ pub fn write_table(
             }
         )?;
         if count > 0 {
-            let rows: Vec<[String; 5]> = listing
+            let rows: Vec<[String; 6]> = listing
                 .usdt
                 .iter()
-                .map(|probe| {
-                    [
-                        probe.provider.clone(),
-                        probe.name.clone(),
-                        hex(probe.file_offset),
-                        probe.semaphore_offset.map_or_else(|| "-".to_owned(), hex),
-                        if probe.arg_text.is_empty() {
-                            "-".to_owned()
-                        } else {
-                            probe.arg_text.clone()
-                        },
-                    ]
-                })
+                .map(
+                    |Listed {
+                         item: probe,
+                         instruction,
+                     }| {
+                        [
+                            probe.provider.clone(),
+                            probe.name.clone(),
+                            hex(probe.file_offset),
+                            probe.semaphore_offset.map_or_else(|| "-".to_owned(), hex),
+                            instruction.handling.as_str().to_owned(),
+                            if probe.arg_text.is_empty() {
+                                "-".to_owned()
+                            } else {
+                                probe.arg_text.clone()
+                            },
+                        ]
+                    },
+                )
                 .collect();
             write_rows(
                 out,
-                ["PROVIDER", "NAME", "FILE OFFSET", "SEMAPHORE", "ARGUMENTS"],
+                [
+                    "PROVIDER",
+                    "NAME",
+                    "FILE OFFSET",
+                    "SEMAPHORE",
+                    "UPROBE",
+                    "ARGUMENTS",
+                ],
                 &rows,
             )?;
         }
@@ -303,18 +349,35 @@ pub fn write_table(
                 if count == 1 { "" } else { "s" },
             )?;
             if count > 0 {
-                let rows: Vec<[String; 3]> = listing
+                let rows: Vec<[String; 5]> = listing
                     .functions
                     .iter()
-                    .map(|function| {
-                        [
-                            listing.function_spec(function),
-                            hex(function.file_offset),
-                            function.size.to_string(),
-                        ]
-                    })
+                    .map(
+                        |Listed {
+                             item: function,
+                             instruction,
+                         }| {
+                            [
+                                listing.function_spec(function),
+                                hex(function.file_offset),
+                                function.size.to_string(),
+                                instruction.handling.as_str().to_owned(),
+                                instruction.text.clone(),
+                            ]
+                        },
+                    )
                     .collect();
-                write_rows(out, ["PROBE", "FILE OFFSET", "SIZE"], &rows)?;
+                write_rows(
+                    out,
+                    [
+                        "PROBE",
+                        "FILE OFFSET",
+                        "SIZE",
+                        "UPROBE",
+                        "FIRST INSTRUCTION",
+                    ],
+                    &rows,
+                )?;
             }
         }
     }
@@ -380,7 +443,14 @@ mod tests {
         assert!(header.contains("USDT probes"), "{header}");
         assert!(header.contains("--entry usdt:PROVIDER:NAME"), "{header}");
         let columns = text.lines().nth(1).unwrap();
-        for column in ["PROVIDER", "NAME", "FILE OFFSET", "SEMAPHORE", "ARGUMENTS"] {
+        for column in [
+            "PROVIDER",
+            "NAME",
+            "FILE OFFSET",
+            "SEMAPHORE",
+            "UPROBE",
+            "ARGUMENTS",
+        ] {
             assert!(columns.contains(column), "{columns}");
         }
         let image = ElfImage::open(Path::new(POSTGRES)).unwrap();
@@ -397,6 +467,8 @@ mod tests {
                 "query__start",
                 &hex(start.file_offset),
                 &hex(start.semaphore_offset.unwrap()),
+                // A USDT site is a 1-byte `nop`.
+                "emulated",
                 &start.arg_text,
             ]
         );
@@ -421,10 +493,10 @@ mod tests {
             .unwrap_or_else(|| panic!("no PortalRun row in {text}"));
         let image = ElfImage::open(Path::new(POSTGRES)).unwrap();
         let function = image.find_function("PortalRun").unwrap();
-        assert_eq!(
-            portal_run.split_whitespace().nth(1),
-            Some(hex(function.file_offset).as_str())
-        );
+        let cells: Vec<&str> = portal_run.split_whitespace().collect();
+        assert_eq!(cells[1], hex(function.file_offset));
+        // Debian's postgres keeps frame pointers: `push %rbp`, emulated.
+        assert_eq!(cells[3..], ["emulated", "push", "%rbp"], "{portal_run}");
     }
 
     #[test]
@@ -450,6 +522,8 @@ mod tests {
         );
         assert_eq!(start["arguments"][0]["size"], 8);
         assert_eq!(start["arguments"][0]["signed"], false);
+        assert_eq!(start["instruction"], "nop");
+        assert_eq!(start["uprobe"], "emulated");
         assert!(
             lines
                 .iter()

@@ -108,6 +108,25 @@ pub fn start_ticks(pid: u32) -> Option<u64> {
     parse_stat(&stat).map(|(_, start)| start)
 }
 
+/// The text of `path` if it is a regular file of at most `limit` bytes.
+/// For files another party controls (a container's): a FIFO, a device or a
+/// huge file there must not block or exhaust the agent.
+pub fn read_small_file(path: &Path, limit: u64) -> Option<String> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .ok()?;
+    let metadata = file.metadata().ok()?;
+    if !metadata.is_file() || metadata.len() > limit {
+        return None;
+    }
+    let mut text = String::new();
+    file.take(limit).read_to_string(&mut text).ok()?;
+    Some(text)
+}
+
 /// The thread's id inside its PID namespace, when it differs from `tid`.
 pub fn thread_ns_tid(pid: u32, tid: u32) -> Option<u32> {
     let status = fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).ok()?;
@@ -258,6 +277,27 @@ pub fn host_name() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn small_files_only() {
+        let dir = std::env::temp_dir().join(format!("dogslow-small-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let text = dir.join("namespace");
+        fs::write(&text, "default\n").unwrap();
+        assert_eq!(read_small_file(&text, 4096).as_deref(), Some("default\n"));
+        assert_eq!(read_small_file(&text, 4), None, "larger than the limit");
+        // A FIFO must not block, a device must not be read forever.
+        let fifo = dir.join("fifo");
+        let path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+        assert_eq!(read_small_file(&fifo, 4096), None);
+        let zero = dir.join("zero");
+        std::os::unix::fs::symlink("/dev/zero", &zero).unwrap();
+        assert_eq!(read_small_file(&zero, 4096), None);
+        assert_eq!(read_small_file(&dir.join("missing"), 4096), None);
+        fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn stat_with_spaces_and_parens_in_comm() {

@@ -3,6 +3,7 @@
 //! order the kernel produced them. Owns everything that is not `Sync`.
 use std::{
     collections::{HashMap, VecDeque},
+    panic::{self, AssertUnwindSafe},
     sync::mpsc,
     thread,
     time::{Duration, Instant},
@@ -47,6 +48,26 @@ pub enum Message {
     ProcessGone(u32),
     /// New report destinations (the config file was reloaded).
     Sinks(Box<SinkSet>),
+}
+
+impl Message {
+    /// What the message is about, for an error message.
+    fn describe(&self) -> String {
+        match self {
+            Self::Target(slot, _) => format!("target slot {slot}"),
+            Self::Event(Event::Stall(capture)) => format!(
+                "the stall of thread {} of process {} (its report is lost)",
+                capture.tid, capture.pid
+            ),
+            Self::Event(Event::Completion(completion)) => format!(
+                "the completion of thread {} of process {}",
+                completion.tid, completion.pid
+            ),
+            Self::ProcessSeen(pid) => format!("new process {pid}"),
+            Self::ProcessGone(pid) => format!("exited process {pid}"),
+            Self::Sinks(_) => "reloaded outputs".to_owned(),
+        }
+    }
 }
 
 /// How long a dead process's caches are kept for records still in flight.
@@ -98,7 +119,17 @@ impl Reporter {
                 let mut reporter = Self::new(sinks, metrics);
                 reporter.symbolizer.warm_kernel();
                 for message in messages {
-                    reporter.handle(message);
+                    let what = message.describe();
+                    // A bug met on one record (a damaged binary, say) must
+                    // not end every later report.
+                    let handled =
+                        panic::catch_unwind(AssertUnwindSafe(|| reporter.handle(message)));
+                    if handled.is_err() {
+                        eprintln!(
+                            "dogslow: internal error while handling {what} (a dogslow bug; \
+                             please report it with the message above); continuing"
+                        );
+                    }
                 }
                 reporter.sinks.finish();
             })

@@ -144,7 +144,7 @@ impl Symbolizer {
     pub fn user_frames(&self, pid: u32, addresses: &[FrameAddress]) -> Vec<Frame> {
         let lookups: Vec<u64> = addresses.iter().map(|a| a.address_for_lookup()).collect();
         let mut process = Process::new(Pid::from(pid));
-        process.perf_map = true;
+        process.perf_map = perf_map_is_regular_file(pid);
         let source = Source::Process(process);
         let symbolized = self
             .blaze
@@ -233,6 +233,15 @@ fn location(code_info: Option<&CodeInfo<'_>>) -> (Option<String>, Option<u32>) {
         ),
         None => (None, None),
     }
+}
+
+/// Whether the process's JIT perf map (`/tmp/perf-NSPID.map` in its root, as
+/// blazesym reads it) is a regular file. The process controls that path: a
+/// FIFO or a link to a device there must not hang or exhaust the reporter.
+fn perf_map_is_regular_file(pid: u32) -> bool {
+    let ns_pid = crate::procfs::thread_ns_tid(pid, pid).unwrap_or(pid);
+    std::fs::metadata(format!("/proc/{pid}/root/tmp/perf-{ns_pid}.map"))
+        .is_ok_and(|metadata| metadata.is_file())
 }
 
 #[cfg(test)]

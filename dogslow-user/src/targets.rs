@@ -8,6 +8,7 @@ use dogslow_common::{CaptureSpec, MAX_CAPTURES};
 
 use crate::{
     elf::{ElfError, ElfImage},
+    probe_cost::{self, FirstInstruction},
     probe_spec::{ProbeLocation, ProbeSpec},
     procfs::{self, ProcError},
     request_args::{self, ArgumentLocation, CaptureError, CaptureRequest},
@@ -42,6 +43,8 @@ pub struct AttachPoint {
     pub ref_ctr_offset: Option<u64>,
     /// The USDT probe site, for its argument specifications.
     pub usdt: Option<UsdtProbe>,
+    /// The probed instruction: how dear each hit is.
+    pub instruction: FirstInstruction,
 }
 
 impl AttachPoint {
@@ -108,6 +111,7 @@ pub fn resolve(object: &Path, spec: &ProbeSpec) -> Result<Vec<AttachPoint>, Targ
         file_offset,
         ref_ctr_offset: None,
         usdt: None,
+        instruction: probe_cost::at(&image, file_offset),
     };
     Ok(match &spec.location {
         ProbeLocation::FileOffset(offset) => vec![point(*offset)],

@@ -76,11 +76,15 @@ impl BinaryUnwindData {
         let slice = |name: &str| {
             let section = file.section_by_name(name)?;
             let (offset, size) = section.file_range()?;
+            // A damaged or truncated file may claim bytes it does not have.
+            let end = offset
+                .checked_add(size)
+                .filter(|&end| end <= bytes.len() as u64)?;
             Some((
-                section.address()..section.address() + section.size(),
+                section.address()..section.address().checked_add(section.size())?,
                 SectionBytes {
                     backing: backing.clone(),
-                    range: offset as usize..(offset + size) as usize,
+                    range: offset as usize..end as usize,
                 },
             ))
         };

@@ -21,6 +21,7 @@ use crate::{
     config::TargetSpec,
     elf::ElfImage,
     loader::{AttachError, ProbeRole, Probes, UprobeLink},
+    probe_cost::{self, Handling},
     probe_spec::{ProbeLocation, ProbeSpec},
     procfs::{self, ProcError},
     reporter::{Message, TargetInfo},
@@ -61,6 +62,9 @@ pub struct Watcher {
     targets: Vec<Option<TargetSpec>>,
     /// Binary-wide attachments: (target, file) -> links.
     file_links: HashMap<(u32, FileId), Vec<UprobeLink>>,
+    /// The processes found using each attached file, so that a file no
+    /// process runs any more (an old version after a redeploy) is let go.
+    file_users: HashMap<(u32, FileId), HashSet<u32>>,
     /// Per-process attachments: (target, pid) -> links.
     process_links: HashMap<(u32, u32), Vec<UprobeLink>>,
     /// Processes already examined: pid -> (start time, executable).
@@ -71,6 +75,9 @@ pub struct Watcher {
     /// captures are at the entry points that use the slot. A target whose
     /// USDT sites lay their arguments out differently gets a slot per layout.
     slots: Vec<(u32, [CaptureSpec; MAX_CAPTURES])>,
+    /// Probe points already noted on stderr as single-stepped: (target,
+    /// file offset), so many processes of one binary note it once.
+    noted_single_step: HashSet<(u32, u64)>,
     messages: mpsc::Sender<Message>,
 }
 
@@ -79,10 +86,12 @@ impl Watcher {
         Self {
             targets: targets.into_iter().map(Some).collect(),
             file_links: HashMap::new(),
+            file_users: HashMap::new(),
             process_links: HashMap::new(),
             seen: HashMap::new(),
             matched: HashSet::new(),
             slots: Vec::new(),
+            noted_single_step: HashSet::new(),
             messages,
         }
     }
@@ -99,7 +108,14 @@ impl Watcher {
         if let Some(slot) = self.slots.iter().position(|s| *s == (index, specs)) {
             return Ok(slot as u32);
         }
-        let slot = self.slots.len() as u32;
+        // The slots of targets a reload removed are free again (their probes
+        // are detached and their requests forgotten): reuse them, so that
+        // reloads cannot run out of the kernel's fixed number.
+        let free = self
+            .slots
+            .iter()
+            .position(|(owner, _)| self.target(*owner).is_none());
+        let slot = free.unwrap_or(self.slots.len()) as u32;
         let Some(target) = self.target(index) else {
             return Err(AgentError::Unsupported(format!(
                 "target {index} was removed"
@@ -128,7 +144,10 @@ impl Watcher {
                 capture_len: target.capture_len,
             },
         ));
-        self.slots.push((index, specs));
+        match free {
+            Some(free) => self.slots[free] = (index, specs),
+            None => self.slots.push((index, specs)),
+        }
         Ok(slot)
     }
 
@@ -157,6 +176,23 @@ impl Watcher {
                 0
             };
             links.push(probes.attach_uprobe(role, point, pid, cookie)?);
+            if point.instruction.handling == Handling::SingleStepped
+                && self.noted_single_step.insert((index, point.file_offset))
+            {
+                let spec = if role == ProbeRole::Exit {
+                    target.exit.as_ref().unwrap_or(&target.entry)
+                } else {
+                    &target.entry
+                };
+                let object = match pid {
+                    Some(pid) => format!("process {pid}"),
+                    None => point.path.display().to_string(),
+                };
+                eprintln!(
+                    "dogslow: {}",
+                    probe_cost::single_step_note(&spec.to_string(), &object, &point.instruction)
+                );
+            }
         }
         Ok(())
     }
@@ -253,10 +289,13 @@ impl Watcher {
             }
             let index = self.targets.len() as u32;
             self.targets.push(Some(target.clone()));
-            if let Err(err) = self.attach_target(probes, index, &target) {
-                eprintln!("dogslow: reload: target `{}`: {err}", target.name);
+            match self.attach_target(probes, index, &target) {
+                Ok(()) => summary.added += 1,
+                Err(err) => {
+                    eprintln!("dogslow: reload: target `{}`: {err}", target.name);
+                    summary.failed += 1;
+                }
             }
-            summary.added += 1;
         }
         // Processes already seen may run a new target's binary.
         self.seen.clear();
@@ -277,6 +316,7 @@ impl Watcher {
                 probes.detach_uprobe(link);
             }
         }
+        self.file_users.retain(|(t, _), _| *t != index);
         let processes: Vec<_> = self
             .process_links
             .keys()
@@ -350,6 +390,7 @@ impl Watcher {
             self.matched.remove(&pid);
             let _ = self.messages.send(Message::ProcessGone(pid));
         }
+        self.release_unused_files(probes, &live);
         for pid in live {
             let identity = (
                 procfs::start_ticks(pid).unwrap_or(0),
@@ -376,6 +417,10 @@ impl Watcher {
                     eprintln!("dogslow: process {pid} runs {}: {err}", binary.display());
                     continue;
                 }
+                self.file_users
+                    .entry((index as u32, file))
+                    .or_default()
+                    .insert(pid);
                 let needs_process_probes = probe_roles(&target)
                     .iter()
                     .any(|(_, s)| s.library.is_some());
@@ -389,6 +434,36 @@ impl Watcher {
                     eprintln!("dogslow: watching process {pid} ({})", binary.display());
                 }
                 let _ = self.messages.send(Message::ProcessSeen(pid));
+            }
+        }
+    }
+
+    /// Detaches the probes of files that no live process uses and that
+    /// their target's path no longer names on this host: a replaced binary
+    /// (a redeploy, a container gone) must not keep its probes, and the
+    /// deleted file its disk space, for the agent's lifetime.
+    fn release_unused_files(&mut self, probes: &mut Probes, live: &[u32]) {
+        let mut unused = Vec::new();
+        for (&(index, file), users) in &mut self.file_users {
+            users.retain(|pid| live.contains(pid));
+            let named_here = self
+                .targets
+                .get(index as usize)
+                .and_then(Option::as_ref)
+                .is_some_and(|target| {
+                    target
+                        .binaries
+                        .iter()
+                        .any(|path| FileId::of(path) == Some(file))
+                });
+            if users.is_empty() && !named_here {
+                unused.push((index, file));
+            }
+        }
+        for key in unused {
+            self.file_users.remove(&key);
+            for link in self.file_links.remove(&key).unwrap_or_default() {
+                probes.detach_uprobe(link);
             }
         }
     }
@@ -571,6 +646,8 @@ pub struct ReloadSummary {
     pub kept: usize,
     pub added: usize,
     pub removed: usize,
+    /// New targets whose probes could not be attached (said on stderr).
+    pub failed: usize,
 }
 
 fn live_pids() -> Vec<u32> {

@@ -15,13 +15,42 @@ fn running_stalls_are_reported_once_each_with_their_stack() {
 
 #[test]
 fn fast_requests_are_never_reported() {
-    // About 3 s of 2 ms requests.
+    // About 3 s of 2 ms requests, then one slow request as the control:
+    // the probes were live all along, and only the slow one is reported.
     let watched = watch(
         "slow_requests",
-        &["--requests", "1500", "--fast-us", "2000"],
+        &[
+            "--requests",
+            "1501",
+            "--fast-us",
+            "2000",
+            "--slow-every",
+            "1501",
+            "--slow-ms",
+            "600",
+        ],
         &["--entry", "handle_request", "--timeout", "300ms"],
     );
-    assert_eq!(watched.dogslow.reports(), Vec::<serde_json::Value>::new());
+    let slow = timed_lines(&watched.program, "slow");
+    assert_eq!(slow.len(), 1, "{:?}", watched.program);
+    let stalls = watched.dogslow.stalls();
+    assert_eq!(stalls.len(), 1, "{stalls:#?}");
+    let (slow_start, _) = slow[0];
+    // Its start, not any fast request's (clocks agree to well under 2 ms).
+    let started = rfc3339_ns(&stalls[0]["started"]);
+    assert!(
+        started.abs_diff(slow_start) < 2_000_000,
+        "reported request started at {started}, the slow one at {slow_start}"
+    );
+    let completions = watched.dogslow.completions();
+    assert_eq!(completions.len(), 1, "{completions:#?}");
+    assert_eq!(completions[0]["outcome"], "returned");
+    // handle_request begins with an emulated `push %rbp`: nothing to note.
+    assert!(
+        !watched.dogslow.stderr.contains("single-steps"),
+        "{}",
+        watched.dogslow.stderr
+    );
 }
 
 #[test]
@@ -62,7 +91,27 @@ fn exit_form_requests_end_at_the_exit_function() {
             &["spin_for", "dispatch", "serve_forever", "main"],
         );
     }
-    assert_eq!(watched.dogslow.completions().len(), stalls.len());
+    // begin_request and end_request begin with a RIP-relative load, which
+    // uprobes single-step: dogslow says so, once per probe.
+    for probe in ["begin_request", "end_request"] {
+        let note = format!("note: probe `{probe}` in process");
+        assert_eq!(
+            watched.dogslow.stderr.matches(&note).count(),
+            1,
+            "{}",
+            watched.dogslow.stderr
+        );
+    }
+    assert!(watched.dogslow.stderr.contains("single-steps"));
+    // Each ended at end_request, not by the next begin_request (that
+    // would be "abandoned") or by the process's exit.
+    let completions = watched.dogslow.completions();
+    assert_eq!(completions.len(), stalls.len(), "{completions:#?}");
+    for completion in &completions {
+        assert_eq!(completion["outcome"], "returned", "{completion:#}");
+        let duration = completion["duration_ms"].as_u64().unwrap();
+        assert!((1200..1500).contains(&duration), "{completion:#}");
+    }
 }
 
 /// (file offset of `function`, file offset of its second instruction),
@@ -210,9 +259,20 @@ fn duration_stops_dogslow() {
         "--duration",
         "1s",
     ]);
+    // Attached: at most the rest of the second remains, plus the exit.
+    let attached = std::time::Instant::now();
     let finished = agent.wait(Duration::from_secs(30));
     assert!(finished.status.success(), "{}", finished.stderr);
-    assert!(started.elapsed() < Duration::from_secs(30));
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "stopped before its duration: {:?}",
+        started.elapsed()
+    );
+    assert!(
+        attached.elapsed() < Duration::from_secs(3),
+        "--duration 1s still running {:?} after attaching",
+        attached.elapsed()
+    );
 }
 
 mod bad_input {
@@ -349,8 +409,8 @@ mod bad_input {
         );
         assert_fails_with(
             &finished,
-            "dogslow needs root, or the capabilities CAP_SYS_ADMIN, CAP_SYS_PTRACE and \
-             CAP_DAC_READ_SEARCH; missing: CAP_SYS_ADMIN (",
+            "dogslow needs root, or the capabilities CAP_SYS_ADMIN, CAP_SYS_PTRACE, \
+             CAP_DAC_READ_SEARCH and CAP_SYSLOG; missing: CAP_SYS_ADMIN (",
         );
     }
 }

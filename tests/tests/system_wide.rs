@@ -414,3 +414,83 @@ fn a_process_in_a_pod_is_reported_with_its_container_and_pod() {
     assert_eq!(stall["pod_namespace"], "shop");
     assert!(stall["cgroup"].as_str().unwrap().contains(CONTAINER));
 }
+
+/// dogslow's BPF links: its tracepoints', and two uprobes (entry and
+/// return) per probed file.
+fn bpf_links(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+        .filter(|link| link.to_string_lossy() == "anon_inode:bpf_link")
+        .count()
+}
+
+/// Polls `count` until it is `expected` (the agent rescans every second).
+fn settles_at(count: impl Fn() -> usize, expected: usize, what: &str) {
+    let until = std::time::Instant::now() + Duration::from_secs(6);
+    while count() != expected {
+        assert!(
+            std::time::Instant::now() < until,
+            "{what}: {} BPF links, expected {expected}",
+            count()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A redeploy replaces the binary with a new file at the same path: the old
+/// file keeps its probes while a process still runs it, and lets them go
+/// when the last one exits, instead of holding them (and the deleted file)
+/// for the agent's lifetime.
+#[test]
+fn a_replaced_binary_is_let_go_when_its_last_process_exits() {
+    require_root();
+    let dir = std::env::temp_dir().join(format!("dogslow-redeploy-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let app = dir.join("app");
+    std::fs::copy(target_bin("slow_requests"), &app).unwrap();
+    let agent = Agent::start(&[
+        "attach",
+        "--binary",
+        app.to_str().unwrap(),
+        "--entry",
+        "handle_request",
+        "--timeout",
+        "300ms",
+    ]);
+    let probes = || bpf_links(agent.pid());
+    let one_file = probes();
+    assert!(
+        one_file > 2,
+        "tracepoints, entry and return probes: {one_file}"
+    );
+    let mut old = Target::spawn_command(Command::new(&app).args(["--requests", "1", "--wait"]));
+    std::thread::sleep(Duration::from_millis(1500));
+
+    let staged = dir.join("app.new");
+    std::fs::copy(target_bin("slow_requests"), &staged).unwrap();
+    std::fs::rename(&staged, &app).unwrap();
+    settles_at(probes, one_file, "old file still run, new one not yet");
+    let mut new = Target::spawn_command(Command::new(&app).args([
+        "--requests",
+        "2",
+        "--slow-every",
+        "2",
+        "--slow-ms",
+        "800",
+        "--wait",
+    ]));
+    settles_at(probes, one_file + 2, "old and new files both run");
+    old.go();
+    old.finish(Duration::from_secs(20));
+    settles_at(probes, one_file, "the old file's last process exited");
+
+    let new_pid = new.pid();
+    new.go();
+    new.finish(Duration::from_secs(20));
+    let finished = agent.stop_with(libc::SIGINT);
+    std::fs::remove_dir_all(&dir).unwrap();
+    let stalls = finished.stalls();
+    assert_eq!(stalls.len(), 1, "{stalls:#?}\n{}", finished.stderr);
+    assert_eq!(stalls[0]["pid"], new_pid);
+}
