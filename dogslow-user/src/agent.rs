@@ -55,13 +55,20 @@ pub enum AgentError {
     ReporterFailed,
 }
 
+/// Records queued for the reporting thread. Each stall carries its user
+/// stack copy (up to `--user-stack-bytes`), so the queue is bounded: when the
+/// reporter falls this far behind, the event loop waits for it, and records
+/// wait in the kernel's ring buffer, whose overflow is counted and said on
+/// stderr, instead of the agent's memory growing with a stall storm.
+const REPORT_QUEUE: usize = 1024;
+
 /// Runs `config` until its duration ends, SIGINT/SIGTERM, or every watched
 /// process has exited. With `config_path` (`dogslow run`), SIGHUP reloads
 /// the targets and outputs from that file.
 pub fn run(config: AgentConfig, config_path: Option<PathBuf>) -> Result<(), AgentError> {
     privileges::check()?;
     let metrics = Metrics::new();
-    let (tx, rx) = mpsc::channel();
+    let (tx, rx) = mpsc::sync_channel(REPORT_QUEUE);
     let mut watcher = Watcher::new(config.targets.clone(), tx.clone());
     watcher.validate()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -125,7 +132,7 @@ struct Agent<'a> {
     watcher: &'a mut Watcher,
     config: AgentConfig,
     config_path: Option<PathBuf>,
-    tx: &'a mpsc::Sender<Message>,
+    tx: &'a mpsc::SyncSender<Message>,
     reporter: &'a thread::JoinHandle<()>,
     metrics: Metrics,
 }
@@ -349,7 +356,7 @@ async fn sleep_until(at: Option<Instant>) {
 
 fn drain(
     ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
-    tx: &mpsc::Sender<Message>,
+    tx: &mpsc::SyncSender<Message>,
     metrics: &Metrics,
 ) {
     while let Some(record) = ring.next() {

@@ -180,8 +180,16 @@ impl Reporter {
                 break;
             }
             self.gone.pop_front();
-            if procfs::process_exists(pid) {
-                continue; // the PID was reused by a process we still watch
+            // The PID may be in use again: keep the caches only if it is
+            // the process last described under it (a watched process that
+            // took the PID was described when it was seen); another one
+            // must not keep a dead process's caches alive.
+            let described_lives = self
+                .processes
+                .get(&pid)
+                .is_some_and(|known| procfs::start_ticks(pid) == Some(known.start_ticks));
+            if described_lives {
+                continue;
             }
             self.symbolizer.forget_process(pid);
             self.unwinder.forget_process(pid);

@@ -78,11 +78,11 @@ pub struct Watcher {
     /// Probe points already noted on stderr as single-stepped: (target,
     /// file offset), so many processes of one binary note it once.
     noted_single_step: HashSet<(u32, u64)>,
-    messages: mpsc::Sender<Message>,
+    messages: mpsc::SyncSender<Message>,
 }
 
 impl Watcher {
-    pub fn new(targets: Vec<TargetSpec>, messages: mpsc::Sender<Message>) -> Self {
+    pub fn new(targets: Vec<TargetSpec>, messages: mpsc::SyncSender<Message>) -> Self {
         Self {
             targets: targets.into_iter().map(Some).collect(),
             file_links: HashMap::new(),
