@@ -334,6 +334,13 @@ async fn mail_loop(
         );
     }
     let _ = deadline_tx.send(Some(Instant::now() + flush_timeout));
+    if gate.dropped > 0 {
+        gate.counters.failed.inc_by(gate.dropped);
+        eprintln!(
+            "dogslow: email: {} mail(s) were dropped because the outbox was full (the reports are on stdout)",
+            gate.dropped
+        );
+    }
     drop(gate);
     let _ = delivery.await;
 }
