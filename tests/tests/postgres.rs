@@ -131,9 +131,14 @@ fn a_thousand_fast_queries_are_not_reported() {
     for i in 0..1000 {
         session.send(&format!("SELECT {i};"));
     }
+    // The control, on the same connection: the probes were live all along,
+    // and only this query is late.
+    session.send("SELECT pg_sleep(0.8);");
     session.close();
     let (stalls, stderr) = stalls_of(agent);
-    assert!(stalls.is_empty(), "{stalls:#?}");
+    assert_eq!(stalls.len(), 1, "{stalls:#?}\n{stderr}");
+    let query = stalls[0]["request"]["query"].as_str().unwrap_or_default();
+    assert!(query.starts_with("SELECT pg_sleep(0.8)"), "{query}");
     assert!(!stderr.contains("not tracked"), "{stderr}");
 }
 
