@@ -269,6 +269,16 @@ pub fn write_json(listings: &[ObjectListing], out: &mut impl Write) -> io::Resul
     out.flush()
 }
 
+/// The table's columns for USDT probes.
+const USDT_COLUMNS: [&str; 6] = [
+    "PROVIDER",
+    "NAME",
+    "FILE OFFSET",
+    "SEMAPHORE",
+    "UPROBE",
+    "ARGUMENTS",
+];
+
 /// A readable table per object.
 pub fn write_table(
     listings: &[ObjectListing],
@@ -327,18 +337,7 @@ pub fn write_table(
                     },
                 )
                 .collect();
-            write_rows(
-                out,
-                [
-                    "PROVIDER",
-                    "NAME",
-                    "FILE OFFSET",
-                    "SEMAPHORE",
-                    "UPROBE",
-                    "ARGUMENTS",
-                ],
-                &rows,
-            )?;
+            write_rows(out, USDT_COLUMNS, &rows)?;
         }
         if filter.is_some() {
             let count = listing.functions.len();
@@ -443,14 +442,7 @@ mod tests {
         assert!(header.contains("USDT probes"), "{header}");
         assert!(header.contains("--entry usdt:PROVIDER:NAME"), "{header}");
         let columns = text.lines().nth(1).unwrap();
-        for column in [
-            "PROVIDER",
-            "NAME",
-            "FILE OFFSET",
-            "SEMAPHORE",
-            "UPROBE",
-            "ARGUMENTS",
-        ] {
+        for column in USDT_COLUMNS {
             assert!(columns.contains(column), "{columns}");
         }
         let image = ElfImage::open(Path::new(POSTGRES)).unwrap();
