@@ -34,3 +34,30 @@ const _: () = assert!(core::mem::size_of::<Inflight>() == 56);
 
 /// `off_cpu_state` of a thread that was runnable when it switched out.
 pub const OFF_CPU_PREEMPTED: u32 = 0;
+
+/// Thread ids per element of the `TRACKED_TIDS` map (one byte each).
+pub const TIDS_PER_SLOT: u32 = 64;
+
+/// Elements of `TRACKED_TIDS` for the kernel's largest possible pid_max
+/// (`PID_MAX_LIMIT`, 4194304); the agent sizes the map to the running
+/// kernel's `kernel.pid_max`.
+pub const MAX_TID_SLOTS: u32 = 4_194_304 / TIDS_PER_SLOT;
+
+/// Elements of `TRACKED_TIDS` that cover thread ids below `pid_max`.
+pub fn tid_slots(pid_max: u32) -> u32 {
+    pid_max.div_ceil(TIDS_PER_SLOT).clamp(1, MAX_TID_SLOTS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tid_slots_cover_every_thread_id_below_pid_max() {
+        assert_eq!(tid_slots(32768), 512);
+        assert_eq!(tid_slots(32769), 513);
+        assert_eq!(tid_slots(4_194_304), MAX_TID_SLOTS);
+        assert_eq!(tid_slots(u32::MAX), MAX_TID_SLOTS);
+        assert_eq!(tid_slots(0), 1);
+    }
+}

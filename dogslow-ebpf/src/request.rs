@@ -17,7 +17,7 @@ use dogslow_common::{
 
 use crate::{
     kernel::{current_ids, now_ns},
-    maps::{ARGS_SCRATCH, EVENTS, INFLIGHT, REQUEST_ARGS, TARGETS, count},
+    maps::{ARGS_SCRATCH, EVENTS, INFLIGHT, REQUEST_ARGS, TARGETS, count, set_tracked},
 };
 
 #[uprobe]
@@ -39,6 +39,7 @@ pub fn request_entry(ctx: ProbeContext) -> u32 {
                 count(stat::INFLIGHT_FULL);
                 return 0;
             }
+            set_tracked(tid, true);
             match INFLIGHT.get_ptr_mut(tid) {
                 Some(entry) => entry,
                 None => return 0,

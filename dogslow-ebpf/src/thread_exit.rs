@@ -8,7 +8,7 @@ use dogslow_common::{
 
 use crate::{
     kernel::{current_ids, read_field},
-    maps::{INFLIGHT, OFFSETS},
+    maps::{INFLIGHT, OFFSETS, set_tracked},
     request::complete,
 };
 
@@ -44,6 +44,7 @@ pub fn thread_exit(ctx: BtfTracePointContext) -> i32 {
     }
     // The thread is gone: so is its entry, idle or not.
     let _ = INFLIGHT.remove(tid);
+    set_tracked(tid, false);
     0
 }
 
@@ -60,6 +61,7 @@ pub fn thread_exec(_ctx: BtfTracePointContext) -> i32 {
         }
         // The new program's requests start from scratch.
         let _ = INFLIGHT.remove(tid);
+        set_tracked(tid, false);
     }
     0
 }

@@ -20,6 +20,7 @@ use aya::{
 };
 use dogslow_common::{
     CaptureSettings, Inflight, KernelOffsets, MAX_TARGETS, RequestArgs, TargetConfig, stat,
+    tid_slots,
 };
 use thiserror::Error;
 
@@ -89,6 +90,15 @@ pub enum CaptureError {
     Read(#[from] io::Error),
     #[error("creating the off-CPU capture iterator: {0}")]
     Link(#[from] aya::programs::links::LinkError),
+}
+
+/// The kernel's `kernel.pid_max`: thread ids are below it. If unreadable,
+/// the largest it can be.
+fn pid_max() -> u32 {
+    std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+        .unwrap_or(4_194_304)
 }
 
 /// Which request probe program a uprobe runs.
@@ -164,6 +174,7 @@ impl Probes {
             .btf(Some(&btf))
             .map_max_entries("INFLIGHT", options.max_inflight)
             .map_max_entries("REQUEST_ARGS", options.max_inflight)
+            .map_max_entries("TRACKED_TIDS", tid_slots(pid_max()))
             .override_global("OFFSETS", &offsets, true)
             .override_global("SETTINGS", &settings, true)
             .load(OBJECT)
