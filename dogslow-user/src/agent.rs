@@ -155,14 +155,21 @@ impl Agent<'_> {
         let stop_at = self.config.duration.map(|d| Instant::now() + d);
         let mut drops = DropCounter::default();
         let mut warned = Warned::default();
+        let mut failure = None;
 
         loop {
             tokio::select! {
-                guard = ring.readable_mut() => {
-                    let mut guard = guard?;
-                    drain(guard.get_inner_mut(), self.tx, &self.metrics);
-                    guard.clear_ready();
-                }
+                guard = ring.readable_mut() => match guard {
+                    Ok(mut guard) => {
+                        drain(guard.get_inner_mut(), self.tx, &self.metrics);
+                        guard.clear_ready();
+                    }
+                    Err(err) => {
+                        // Stop, but still write what the ring holds.
+                        failure = Some(err);
+                        break;
+                    }
+                },
                 () = &mut next_scan => {
                     let inflight = self.probes.inflight();
                     let now = Clock::boot_ns();
@@ -209,7 +216,10 @@ impl Agent<'_> {
                 .filter(|(_, request)| request.reported != 0)
                 .count()
         );
-        Ok(())
+        match failure {
+            Some(err) => Err(err.into()),
+            None => Ok(()),
+        }
     }
 
     /// The deadline scan's work: off-CPU captures for overdue requests whose

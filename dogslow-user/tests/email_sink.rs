@@ -66,9 +66,12 @@ fn one_stall_is_one_mail_to_every_recipient_with_the_stack() {
     );
     assert_eq!(
         mail.header("X-Dogslow-Fingerprint"),
-        [report.fingerprint.clone()]
+        std::slice::from_ref(&report.fingerprint)
     );
-    assert_eq!(mail.header("X-Dogslow-Report-Id"), [report.id.clone()]);
+    assert_eq!(
+        mail.header("X-Dogslow-Report-Id"),
+        std::slice::from_ref(&report.id)
+    );
     let text = mail.text();
     assert!(
         text.starts_with("Undead request intercepted at: 2026-05-16T02:10:12.345Z"),
