@@ -199,6 +199,16 @@ impl ElfImage {
         message
     }
 
+    /// Whether this is a Go program (its build info, build id or pc-line
+    /// table is there; stripping keeps them, since the runtime reads them).
+    pub fn is_go(&self) -> bool {
+        self.parse().is_ok_and(|file| {
+            [".go.buildinfo", ".note.go.buildid", ".gopclntab"]
+                .iter()
+                .any(|name| file.section_by_name(name).is_some())
+        })
+    }
+
     /// File offset of virtual address `vaddr`.
     pub fn vaddr_to_offset(&self, vaddr: u64) -> Option<u64> {
         vaddr_to_offset(&self.parse().ok()?, vaddr)

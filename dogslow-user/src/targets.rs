@@ -31,6 +31,13 @@ pub enum TargetError {
     Usdt(#[from] UsdtError),
     #[error(transparent)]
     Capture(#[from] CaptureError),
+    #[error(
+        "{path} is a Go program, which dogslow does not probe: Go runs each goroutine on any \
+         thread and moves its stack, so requests followed by their thread would be reported \
+         stalled when they are not, and the return probes used without --exit crash Go \
+         programs. Use Go's own tools for it (net/http/pprof, runtime/trace)"
+    )]
+    GoProgram { path: PathBuf },
 }
 
 /// A probe resolved to a file and offset.
@@ -106,6 +113,11 @@ fn library_matches(path: &str, library: &str) -> bool {
 /// several places has several sites).
 pub fn resolve(object: &Path, spec: &ProbeSpec) -> Result<Vec<AttachPoint>, TargetError> {
     let image = ElfImage::open(object)?;
+    if image.is_go() {
+        // `/proc/PID/exe` names the program it links to.
+        let path = std::fs::read_link(object).unwrap_or_else(|_| object.to_owned());
+        return Err(TargetError::GoProgram { path });
+    }
     let point = |file_offset| AttachPoint {
         path: object.to_owned(),
         file_offset,

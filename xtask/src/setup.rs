@@ -10,8 +10,8 @@ use crate::run;
 /// (USDT probes) for the test programs, and the real peers and servers the
 /// tests and benchmarks use; for the container image, musl-gcc (C
 /// dependencies such as ring compile with it for the static binary), podman
-/// to build the image, the CA bundle it ships, and python3-venv for the
-/// manifest validator.
+/// to build the image, the CA bundle it ships, python3-venv for the
+/// manifest validator, and Go for the test that dogslow refuses Go programs.
 const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "gcc",
@@ -27,6 +27,7 @@ const PACKAGES: &[&str] = &[
     "podman",
     "ca-certificates",
     "python3-venv",
+    "golang-go",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
