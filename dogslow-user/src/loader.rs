@@ -180,8 +180,8 @@ impl Probes {
             .load(OBJECT)
             .map_err(|source| {
                 let hint = if is_permission_error(&source) {
-                    "; dogslow needs root, or CAP_SYS_ADMIN, CAP_SYS_PTRACE and \
-                     CAP_DAC_READ_SEARCH: run it with sudo"
+                    "; dogslow needs root, or CAP_SYS_ADMIN, CAP_SYS_PTRACE, \
+                     CAP_DAC_READ_SEARCH and CAP_SYSLOG: run it with sudo"
                 } else {
                     ""
                 };
