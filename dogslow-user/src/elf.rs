@@ -64,6 +64,12 @@ impl ElfImage {
             path: path.to_owned(),
             source,
         })?;
+        if file.metadata().is_ok_and(|metadata| !metadata.is_file()) {
+            return Err(ElfError::NotElf {
+                path: path.to_owned(),
+                reason: "not a regular file".into(),
+            });
+        }
         // SAFETY: the mapping is read-only and private; a binary changing under
         // us would only give wrong symbols, which the parser tolerates.
         let data = unsafe { Mmap::map(&file) }.map_err(|source| ElfError::Open {
@@ -199,6 +205,33 @@ impl ElfImage {
         message
     }
 
+    /// Whether `file_offset` holds code: it lies in an executable loadable
+    /// segment's file range.
+    pub fn is_code(&self, file_offset: u64) -> bool {
+        self.parse().is_ok_and(|file| {
+            file.segments().any(|segment| {
+                let (start, size) = segment.file_range();
+                let executable = matches!(
+                    segment.flags(),
+                    object::SegmentFlags::Elf { p_flags, .. } if p_flags.0 & object::elf::PF_X.0 != 0
+                );
+                executable && file_offset >= start && file_offset - start < size
+            })
+        })
+    }
+
+    /// Whether `file_offset` is known to lie inside a function symbol but
+    /// not at its start. Unknown (a stripped binary's code outside
+    /// `.dynsym`) is not "inside".
+    pub fn is_mid_function(&self, file_offset: u64) -> bool {
+        let functions = self.functions();
+        let starts_here = functions.iter().any(|f| f.file_offset == file_offset);
+        !starts_here
+            && functions
+                .iter()
+                .any(|f| file_offset > f.file_offset && file_offset - f.file_offset < f.size)
+    }
+
     /// Whether this is a Go program (its build info, build id or pc-line
     /// table is there; stripping keeps them, since the runtime reads them).
     pub fn is_go(&self) -> bool {
@@ -247,6 +280,26 @@ mod tests {
         assert!(err.contains("not found"), "{err}");
         assert!(err.contains("did you mean"), "{err}");
         assert!(err.contains("main"), "{err}");
+    }
+
+    #[test]
+    fn knows_code_and_function_starts() {
+        let exe = std::env::current_exe().unwrap();
+        let image = ElfImage::open(&exe).unwrap();
+        let main = image.find_function("main").unwrap();
+        assert!(image.is_code(main.file_offset));
+        assert!(!image.is_mid_function(main.file_offset));
+        assert!(image.is_mid_function(main.file_offset + 1));
+        // The ELF header is not code; nor is anything past the file.
+        assert!(!image.is_code(0));
+        assert!(!image.is_code(u64::MAX));
+        assert!(!image.is_go());
+    }
+
+    #[test]
+    fn rejects_directories() {
+        let err = ElfImage::open(Path::new("/tmp")).err().unwrap().to_string();
+        assert!(err.contains("not a regular file"), "{err}");
     }
 
     #[test]

@@ -19,6 +19,10 @@ pub enum ProbeSpecError {
     BadOffset { spec: String, offset: String },
     #[error("`{spec}`: `{address}` is not a hexadecimal file offset")]
     BadAddress { spec: String, address: String },
+    #[error(
+        "`{spec}`: the {part} is empty; write `FUNCTION`, `LIBRARY:FUNCTION` or `FUNCTION+OFFSET`"
+    )]
+    EmptyPart { spec: String, part: &'static str },
 }
 
 /// Where in an object file a probe goes.
@@ -58,11 +62,17 @@ impl std::str::FromStr for ProbeSpec {
             return Err(ProbeSpecError::Empty);
         }
         if let Some(rest) = text.strip_prefix("usdt:") {
-            let (library, rest) = split_library(rest);
-            let Some((provider, name)) = rest.split_once(':') else {
-                return Err(ProbeSpecError::BadUsdt { spec: text.into() });
+            // PROVIDER:NAME, or LIBRARY:PROVIDER:NAME: providers may begin
+            // with `lib` (`libstdcxx`), so the count of parts decides.
+            let parts: Vec<&str> = rest.split(':').collect();
+            let (library, provider, name) = match parts.as_slice() {
+                [provider, name] => (None, *provider, *name),
+                [library, provider, name] if !library.is_empty() => {
+                    (Some((*library).to_owned()), *provider, *name)
+                }
+                _ => return Err(ProbeSpecError::BadUsdt { spec: text.into() }),
             };
-            if provider.is_empty() || name.is_empty() || name.contains(':') {
+            if provider.is_empty() || name.is_empty() {
                 return Err(ProbeSpecError::BadUsdt { spec: text.into() });
             }
             return Ok(Self {
@@ -74,9 +84,18 @@ impl std::str::FromStr for ProbeSpec {
                 text: text.into(),
             });
         }
+        if text.starts_with(':') && !text.starts_with("::") {
+            return Err(ProbeSpecError::EmptyPart {
+                spec: text.into(),
+                part: "library before `:`",
+            });
+        }
         let (library, rest) = split_library(text);
         if rest.is_empty() {
-            return Err(ProbeSpecError::Empty);
+            return Err(ProbeSpecError::EmptyPart {
+                spec: text.into(),
+                part: "function after `:`",
+            });
         }
         let location = if let Some(hex) = rest.strip_prefix("0x") {
             let address = u64::from_str_radix(hex, 16).map_err(|_| ProbeSpecError::BadAddress {
@@ -93,6 +112,12 @@ impl std::str::FromStr for ProbeSpec {
                 spec: text.into(),
                 offset: offset.into(),
             })?;
+            if name.is_empty() {
+                return Err(ProbeSpecError::EmptyPart {
+                    spec: text.into(),
+                    part: "function before `+`",
+                });
+            }
             ProbeLocation::Symbol {
                 name: name.into(),
                 offset,
@@ -220,18 +245,45 @@ mod tests {
                 name: "query__start".into()
             }
         );
-        assert!(matches!(
-            "usdt:postgresql".parse::<ProbeSpec>(),
-            Err(ProbeSpecError::BadUsdt { .. })
-        ));
+        for bad in [
+            "usdt:postgresql",
+            "usdt:",
+            "usdt:a:b:c:d",
+            "usdt::b:c",
+            "usdt:a:",
+        ] {
+            assert!(
+                matches!(
+                    bad.parse::<ProbeSpec>(),
+                    Err(ProbeSpecError::BadUsdt { .. })
+                ),
+                "{bad}"
+            );
+        }
+        // A provider may begin with `lib`: two parts are PROVIDER:NAME.
+        let spec = parse("usdt:libstdcxx:throw");
+        assert_eq!(spec.library, None);
+        assert_eq!(
+            spec.location,
+            ProbeLocation::Usdt {
+                provider: "libstdcxx".into(),
+                name: "throw".into()
+            }
+        );
+        let spec = parse("usdt:libstdc++.so.6:libstdcxx:throw");
+        assert_eq!(spec.library.as_deref(), Some("libstdc++.so.6"));
     }
 
     #[test]
     fn empty() {
         assert_eq!("".parse::<ProbeSpec>(), Err(ProbeSpecError::Empty));
-        assert_eq!(
-            "libc.so.6:".parse::<ProbeSpec>(),
-            Err(ProbeSpecError::Empty)
-        );
+        for bad in ["libc.so.6:", ":fn", "+5"] {
+            let err = bad.parse::<ProbeSpec>().unwrap_err();
+            assert!(
+                matches!(err, ProbeSpecError::EmptyPart { .. }),
+                "{bad}: {err}"
+            );
+            assert!(err.to_string().contains("is empty"), "{err}");
+        }
     }
 }

@@ -32,6 +32,21 @@ pub enum TargetError {
     #[error(transparent)]
     Capture(#[from] CaptureError),
     #[error(
+        "file offset {offset:#x} is not code in {path} (no executable segment holds \
+         it); list the functions and their offsets with `dogslow probes --binary {path} --filter \
+         NAME`"
+    )]
+    NotCode { offset: u64, path: String },
+    #[error(
+        "{function} is {size} bytes long, so offset {offset} is past its end; the \
+         offset must be an instruction boundary inside it (see `objdump -d`)"
+    )]
+    PastFunctionEnd {
+        function: String,
+        size: u64,
+        offset: u64,
+    },
+    #[error(
         "{path} is a Go program, which dogslow does not probe: Go runs each goroutine on any \
          thread and moves its stack, so requests followed by their thread would be reported \
          stalled when they are not, and the return probes used without --exit crash Go \
@@ -52,6 +67,9 @@ pub struct AttachPoint {
     pub usdt: Option<UsdtProbe>,
     /// The probed instruction: how dear each hit is.
     pub instruction: FirstInstruction,
+    /// Known to be inside a function, past its first instruction (where a
+    /// return probe must not go).
+    pub mid_function: bool,
 }
 
 impl AttachPoint {
@@ -118,24 +136,50 @@ pub fn resolve(object: &Path, spec: &ProbeSpec) -> Result<Vec<AttachPoint>, Targ
         let path = std::fs::read_link(object).unwrap_or_else(|_| object.to_owned());
         return Err(TargetError::GoProgram { path });
     }
-    let point = |file_offset| AttachPoint {
+    let point = |file_offset, mid_function| AttachPoint {
         path: object.to_owned(),
         file_offset,
         ref_ctr_offset: None,
         usdt: None,
         instruction: probe_cost::at(&image, file_offset),
+        mid_function,
     };
+    let shown = || object.display().to_string();
     Ok(match &spec.location {
-        ProbeLocation::FileOffset(offset) => vec![point(*offset)],
+        ProbeLocation::FileOffset(offset) => {
+            if !image.is_code(*offset) {
+                return Err(TargetError::NotCode {
+                    offset: *offset,
+                    path: shown(),
+                });
+            }
+            vec![point(*offset, image.is_mid_function(*offset))]
+        }
         ProbeLocation::Symbol { name, offset } => {
-            vec![point(image.find_function(name)?.file_offset + offset)]
+            let function = image.find_function(name)?;
+            // Symbols without a size (hand-written assembly) are taken on trust.
+            if function.size > 0 && *offset >= function.size {
+                return Err(TargetError::PastFunctionEnd {
+                    function: name.clone(),
+                    size: function.size,
+                    offset: *offset,
+                });
+            }
+            let at = function.file_offset + offset;
+            if !image.is_code(at) {
+                return Err(TargetError::NotCode {
+                    offset: at,
+                    path: shown(),
+                });
+            }
+            vec![point(at, *offset != 0)]
         }
         ProbeLocation::Usdt { provider, name } => usdt::find_probes(&image, provider, name)?
             .into_iter()
             .map(|site| {
                 AttachPoint {
                     ref_ctr_offset: site.semaphore_offset,
-                    ..point(site.file_offset)
+                    ..point(site.file_offset, false)
                 }
                 .with_usdt(site)
             })

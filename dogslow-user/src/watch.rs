@@ -165,6 +165,7 @@ impl Watcher {
             return Ok(());
         };
         for point in points {
+            check_return_point(&target, role, point)?;
             let cookie = if role == ProbeRole::Entry {
                 let specs = targets::capture_specs(point, &target.captures, target.capture_len)
                     .map_err(|source| AgentError::Target {
@@ -593,9 +594,20 @@ fn validate<'a>(targets: impl IntoIterator<Item = &'a TargetSpec>) -> Result<(),
                 target.name
             )));
         }
+        if let Some(exit) = &target.exit
+            && exit.location == target.entry.location
+            && exit.library == target.entry.library
+        {
+            return Err(AgentError::Unsupported(format!(
+                "target `{}`: --entry and --exit are the same probe ({}); a request needs an \
+                 end elsewhere, or drop --exit to end it when the entry function returns",
+                target.name, target.entry
+            )));
+        }
         request_args::check_all(&target.captures).map_err(|e| error(e.into()))?;
         let check = |object: &Path, role: ProbeRole, spec: &ProbeSpec| -> Result<(), AgentError> {
             for point in targets::resolve(object, spec).map_err(error)? {
+                check_return_point(target, role, &point)?;
                 if role == ProbeRole::Entry {
                     targets::capture_specs(&point, &target.captures, target.capture_len)
                         .map_err(error)?;
@@ -610,6 +622,13 @@ fn validate<'a>(targets: impl IntoIterator<Item = &'a TargetSpec>) -> Result<(),
             }
         }
         for binary in &target.binaries {
+            // Processes are matched by the path they run, which is absolute.
+            if !binary.is_absolute() {
+                return Err(AgentError::Unsupported(format!(
+                    "--binary {}: give an absolute path (as seen on the host or inside the container)",
+                    binary.display()
+                )));
+            }
             if binary.exists() {
                 ElfImage::open(binary).map_err(|e| error(e.into()))?;
                 for (role, spec) in probe_roles(target)
@@ -618,15 +637,31 @@ fn validate<'a>(targets: impl IntoIterator<Item = &'a TargetSpec>) -> Result<(),
                 {
                     check(binary, role, spec)?;
                 }
-            } else if !binary.is_absolute() {
-                return Err(AgentError::Unsupported(format!(
-                    "--binary {}: give an absolute path (as seen on the host or inside the container)",
-                    binary.display()
-                )));
             }
         }
     }
     Ok(())
+}
+
+/// A return probe (a request that ends when the entry function returns)
+/// must sit on a function's first instruction: anywhere else it would take
+/// something other than the return address for one, and corrupt the target.
+fn check_return_point(
+    target: &TargetSpec,
+    role: ProbeRole,
+    point: &AttachPoint,
+) -> Result<(), AgentError> {
+    if role != ProbeRole::Return || !point.mid_function {
+        return Ok(());
+    }
+    Err(AgentError::Unsupported(format!(
+        "target `{}`: without --exit a request ends when the entry function returns, which \
+         needs --entry on a function's first instruction, and file offset {:#x} in {} is inside \
+         a function, past its start; give the function's name, or give --exit",
+        target.name,
+        point.file_offset,
+        point.path.display()
+    )))
 }
 
 /// Whether two targets probe the same way (their outputs aside).

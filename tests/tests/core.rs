@@ -377,6 +377,61 @@ mod bad_input {
         assert!(finished.stderr.contains("libc.so.6"), "{}", finished.stderr);
     }
 
+    /// Probe points that would corrupt the target, or define no request, are
+    /// refused before anything is attached.
+    #[test]
+    fn probe_points_that_cannot_work_are_refused() {
+        require_root();
+        let target = Target::spawn("slow_requests", &["--requests", "1", "--wait"]);
+        let pid = target.pid().to_string();
+        let (begin, second) = function_offsets("begin_request");
+        let mid_function = format!("{second:#x}");
+        let cases: [(&[&str], &str); 6] = [
+            (&["--entry", "0x0", "--exit", "end_request"], "is not code"),
+            (
+                &["--entry", "begin_request+100000", "--exit", "end_request"],
+                "is past its end",
+            ),
+            // A return probe must be on a function's first instruction.
+            (
+                &["--entry", &mid_function],
+                "is inside a function, past its start",
+            ),
+            (
+                &["--entry", "begin_request", "--exit", "begin_request"],
+                "are the same probe",
+            ),
+            (
+                &["--entry", ":begin_request"],
+                "the library before `:` is empty",
+            ),
+            (
+                &["--entry", "+4", "--exit", "end_request"],
+                "function before `+` is empty",
+            ),
+        ];
+        for (args, needle) in cases {
+            let mut command = vec!["attach", "--pid", &pid];
+            command.extend_from_slice(args);
+            assert_fails_with(&run_dogslow(&command), needle);
+        }
+        // A function's start is fine without --exit.
+        let start = format!("{begin:#x}");
+        let finished = run_dogslow(&[
+            "attach",
+            "--pid",
+            &pid,
+            "--entry",
+            &start,
+            "--duration",
+            "100ms",
+        ]);
+        assert!(finished.status.success(), "{}", finished.stderr);
+        // --binary takes the absolute path processes run.
+        let finished = run_dogslow(&["attach", "--binary", "slow_requests", "--entry", "f"]);
+        assert_fails_with(&finished, "give an absolute path");
+    }
+
     #[test]
     fn zero_or_unparsable_timeout() {
         require_root();

@@ -45,7 +45,7 @@ fn a_go_program_is_refused_and_keeps_running_unharmed() {
     // About 5 s of 5 ms requests.
     let target = Target::spawn_command(Command::new(&binary).arg("1000"));
     let pid = target.pid().to_string();
-    for exit in [None, Some("main.handleRequest")] {
+    for exit in [None, Some("main.main")] {
         let mut args = vec![
             "attach",
             "--pid",
