@@ -177,6 +177,20 @@ pub fn parse(
                 format!("two targets are named `{name}`: give each a distinct `name`"),
             ));
         }
+        if section
+            .output
+            .as_ref()
+            .is_some_and(|settings| settings.format.is_some())
+        {
+            // Reports share one stdout: its format is the [output] section's.
+            return Err(invalid(
+                at,
+                format!(
+                    "target `{name}`: `format` in [target.output] has no effect (stdout is \
+                     shared by every target); set it in [output]"
+                ),
+            ));
+        }
         let own_output = match section.output {
             Some(settings) => Some(
                 settings
@@ -418,5 +432,10 @@ output_dir = "/var/log/pg"
             "[[target]]\nname=\"a\"\npid=[1]\nentry=\"f\"\n[[target]]\nname=\"a\"\npid=[2]\nentry=\"g\"\n",
         );
         assert!(err.contains(":5: two targets are named `a`"), "{err}");
+        let err = error_of("[[target]]\npid=[1]\nentry=\"f\"\n[target.output]\nformat=\"text\"\n");
+        assert!(
+            err.contains(":1: target `f`: `format` in [target.output] has no effect"),
+            "{err}"
+        );
     }
 }

@@ -294,6 +294,14 @@ impl SmtpServer {
             reason,
         };
         let pem = std::fs::read(path).map_err(|err| ca_error(err.to_string()))?;
+        if !pem
+            .windows(b"-----BEGIN CERTIFICATE-----".len())
+            .any(|window| window == b"-----BEGIN CERTIFICATE-----")
+        {
+            return Err(ca_error(
+                "it holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into(),
+            ));
+        }
         Certificate::from_pem(&pem)
             .map_err(|err| ca_error(format!("not a PEM certificate ({err})")))
     }
@@ -382,6 +390,20 @@ mod tests {
                 .to_string()
                 .contains("secret")
         );
+    }
+
+    #[test]
+    fn a_ca_file_must_hold_a_certificate() {
+        let path = std::env::temp_dir().join(format!("dogslow-ca-{}.pem", std::process::id()));
+        std::fs::write(&path, "hi\n").unwrap();
+        let err = SmtpServer::parse("smtps://127.0.0.1:1")
+            .unwrap()
+            .with_ca_file(Some(&path))
+            .err()
+            .unwrap()
+            .to_string();
+        std::fs::remove_file(&path).unwrap();
+        assert!(err.contains("holds no PEM certificate"), "{err}");
     }
 
     #[test]
