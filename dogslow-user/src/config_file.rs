@@ -41,6 +41,7 @@ use crate::{
     metrics,
     probe_spec::ProbeSpec,
     request_args::{CaptureRequest, DEFAULT_CAPTURE_LEN},
+    sinks::smtp::SmtpServer,
 };
 
 #[derive(Debug, Error)]
@@ -115,6 +116,20 @@ struct TargetSection {
     output: Option<OutputSettings>,
 }
 
+/// `$DOGSLOW_SMTP_PASSWORD` for the outputs that need a password from it:
+/// those whose server URL names a user and that have no password file. A
+/// file may mix relays with and without authentication.
+fn password_for(settings: &OutputSettings, password_env: &Option<String>) -> Option<String> {
+    let has_user = settings
+        .smtp
+        .as_deref()
+        .and_then(|url| SmtpServer::parse(url).ok())
+        .is_some_and(|server| server.user.is_some());
+    (has_user && settings.smtp_password_file.is_none())
+        .then(|| password_env.clone())
+        .flatten()
+}
+
 /// Reads and checks `path`. `password_env` is `$DOGSLOW_SMTP_PASSWORD`.
 pub fn load(path: &Path, password_env: Option<String>) -> Result<AgentConfig, ConfigFileError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigFileError::Read {
@@ -152,9 +167,11 @@ pub fn parse(
             source,
         }
     };
+    let env_for = |settings: &OutputSettings| password_for(settings, &password_env);
     let output = file
         .output
-        .into_config(password_env.clone())
+        .clone()
+        .into_config(env_for(&file.output))
         .map_err(output_error("[output]".into()))?;
     let mut names = HashSet::new();
     let mut targets = Vec::with_capacity(file.target.len());
@@ -194,7 +211,8 @@ pub fn parse(
         let own_output = match section.output {
             Some(settings) => Some(
                 settings
-                    .into_config(password_env.clone())
+                    .clone()
+                    .into_config(env_for(&settings))
                     .map_err(output_error(format!("target `{name}` [target.output]")))?,
             ),
             None => None,
@@ -410,6 +428,21 @@ output_dir = "/var/log/pg"
             err.contains("/etc/dogslow/dogslow.toml:1: target `f` watches nothing"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn the_password_variable_goes_to_the_relays_with_a_user() {
+        let text = "[output]\nemail_to = [\"ops@example.com\"]\n\
+                    smtp = \"smtp://ops@127.0.0.1:2525\"\n\
+                    [[target]]\npid = [1]\nentry = \"f\"\n\
+                    [target.output]\nemail_to = [\"db@example.com\"]\n\
+                    smtp = \"smtp://127.0.0.1:2526\"\n";
+        let path = Path::new("/etc/dogslow/dogslow.toml");
+        let config = parse(path, text, Some("secret".into())).unwrap();
+        assert!(config.targets[0].output.is_some());
+        // Without the variable, the relay with a user has no password.
+        let err = parse(path, text, None).err().unwrap().to_string();
+        assert!(err.contains("[output]"), "{err}");
     }
 
     #[test]
