@@ -167,6 +167,9 @@ impl SmtpServer {
             Security::Opportunistic | Security::StartTls => 587,
             Security::Implicit => 465,
         });
+        if port == 0 {
+            return Err(bad("port 0 is no server's port"));
+        }
         let user = match url.username() {
             "" => None,
             encoded => Some(
@@ -195,6 +198,8 @@ impl SmtpServer {
         from_env: Option<String>,
         from_file: Option<&Path>,
     ) -> Result<Self, SmtpError> {
+        // An empty variable is as good as none: say the password is missing.
+        let from_env = from_env.filter(|password| !password.is_empty());
         let (password, source_name) = match (from_env, from_file) {
             (Some(_), Some(_)) => return Err(SmtpError::TwoPasswords),
             (Some(password), None) => (Some(password), PASSWORD_ENV.to_owned()),
@@ -375,6 +380,7 @@ mod tests {
             ("smtp://h?port=1", "unknown or repeated parameter"),
             ("smtp://h/path", "unexpected path"),
             ("smtps://h?tls=required", "always TLS"),
+            ("smtp://h:0", "port 0"),
         ] {
             let err = SmtpServer::parse(url).unwrap_err().to_string();
             assert!(err.contains(want), "{url}: {err}");
@@ -411,6 +417,10 @@ mod tests {
         let local = || SmtpServer::parse("smtp://u@127.0.0.1:2525").unwrap();
         assert!(matches!(
             local().with_password(None, None),
+            Err(SmtpError::MissingPassword { .. })
+        ));
+        assert!(matches!(
+            local().with_password(Some(String::new()), None),
             Err(SmtpError::MissingPassword { .. })
         ));
         let ok = local().with_password(Some("pw".into()), None).unwrap();
