@@ -4,7 +4,10 @@
 use std::{
     path::{Path, PathBuf},
     process::Command,
+    time::Duration,
 };
+
+use crate::Target;
 
 /// A directory holding `program` and the libraries it loads, at the paths
 /// the dynamic linker expects, for chroot.
@@ -47,4 +50,29 @@ pub fn host_pid_of(root: &Path, inside: &str) -> Option<u32> {
                     .map(|c| c.trim() == "app")
                     .unwrap_or(false)
         })
+}
+
+/// Starts `inside ARGS` chrooted into `root` in its own mount and PID
+/// namespace, with `env` added; returns it and its host PID once it runs.
+pub fn spawn_contained(
+    root: &Path,
+    inside: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (Target, u32) {
+    let container = Target::spawn_command(
+        Command::new("unshare")
+            .args(["--mount", "--pid", "--fork", "chroot"])
+            .arg(root)
+            .arg(inside)
+            .args(args)
+            .envs(env.iter().copied()),
+    );
+    let host_pid = (0..200)
+        .find_map(|_| {
+            std::thread::sleep(Duration::from_millis(10));
+            host_pid_of(root, inside)
+        })
+        .expect("the containerized process");
+    (container, host_pid)
 }

@@ -105,30 +105,20 @@ fn the_documented_capabilities_find_and_symbolize_a_container_process() {
         "--timeout",
         "300ms",
     ]));
-    let mut container = Target::spawn_command(
-        Command::new("unshare")
-            .args(["--mount", "--pid", "--fork", "chroot"])
-            .arg(&root)
-            .args([
-                INSIDE,
-                "--requests",
-                "2",
-                "--slow-every",
-                "2",
-                "--slow-ms",
-                "1000",
-                "--wait",
-            ]),
+    let (mut container, host_pid) = spawn_contained(
+        &root,
+        INSIDE,
+        &[
+            "--requests",
+            "2",
+            "--slow-every",
+            "2",
+            "--slow-ms",
+            "1000",
+            "--wait",
+        ],
+        &[],
     );
-    let mut host_pid = None;
-    for _ in 0..200 {
-        host_pid = host_pid_of(&root, INSIDE);
-        if host_pid.is_some() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let host_pid = host_pid.expect("the containerized process");
     let found = agent.stderr.wait_for(Duration::from_secs(3), |l| {
         l.contains(&format!("watching process {host_pid}"))
     });

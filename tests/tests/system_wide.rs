@@ -72,30 +72,20 @@ fn a_process_in_its_own_mount_and_pid_namespace() {
         "--timeout",
         "300ms",
     ]);
-    let mut container = Target::spawn_command(
-        Command::new("unshare")
-            .args(["--mount", "--pid", "--fork", "chroot"])
-            .arg(&root)
-            .args([
-                INSIDE,
-                "--requests",
-                "2",
-                "--slow-every",
-                "2",
-                "--slow-ms",
-                "1000",
-                "--wait",
-            ]),
+    let (mut container, host_pid) = spawn_contained(
+        &root,
+        INSIDE,
+        &[
+            "--requests",
+            "2",
+            "--slow-every",
+            "2",
+            "--slow-ms",
+            "1000",
+            "--wait",
+        ],
+        &[],
     );
-    let mut host_pid = None;
-    for _ in 0..200 {
-        host_pid = host_pid_of(&root, INSIDE);
-        if host_pid.is_some() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let host_pid = host_pid.expect("the containerized process");
     // dogslow finds it within a second of its start.
     let found = agent.stderr.wait_for(Duration::from_secs(3), |l| {
         l.contains(&format!("watching process {host_pid}"))
@@ -376,28 +366,20 @@ fn a_process_in_a_pod_is_reported_with_its_container_and_pod() {
         "--timeout",
         "300ms",
     ]);
-    let mut container = Target::spawn_command(
-        Command::new("unshare")
-            .args(["--mount", "--pid", "--fork", "chroot"])
-            .arg(&root)
-            .args([
-                INSIDE,
-                "--requests",
-                "1",
-                "--slow-every",
-                "1",
-                "--slow-ms",
-                "800",
-                "--wait",
-            ])
-            .env("HOSTNAME", "web-7d9f8-x2v4q"),
+    let (mut container, host_pid) = spawn_contained(
+        &root,
+        INSIDE,
+        &[
+            "--requests",
+            "1",
+            "--slow-every",
+            "1",
+            "--slow-ms",
+            "800",
+            "--wait",
+        ],
+        &[("HOSTNAME", "web-7d9f8-x2v4q")],
     );
-    let host_pid = (0..200)
-        .find_map(|_| {
-            std::thread::sleep(Duration::from_millis(10));
-            host_pid_of(&root, INSIDE)
-        })
-        .expect("the containerized process");
     let _cgroup = PodCgroup::new(POD_UID, CONTAINER, host_pid);
     agent
         .stderr

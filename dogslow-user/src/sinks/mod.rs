@@ -12,15 +12,14 @@ use crate::{
 
 pub mod email;
 pub mod files;
-pub mod json;
 pub mod smtp;
 pub mod storm;
+pub mod stream;
 pub mod text;
 
 pub use email::EmailSink;
 pub use files::ReportFiles;
-pub use json::JsonLines;
-pub use text::TextStream;
+pub use stream::ReportStream;
 
 #[derive(Debug, Error)]
 pub enum SinkError {
@@ -51,8 +50,8 @@ pub struct SinkSet {
 impl SinkSet {
     pub fn build(config: &AgentConfig, mail: &MailCounters) -> Result<Self, SinkError> {
         let stdout: Box<dyn Sink> = match config.output.format {
-            ReportFormat::Json => Box::new(JsonLines::new(std::io::stdout())),
-            ReportFormat::Text => Box::new(TextStream::new(std::io::stdout())),
+            ReportFormat::Json => Box::new(ReportStream::json(std::io::stdout())),
+            ReportFormat::Text => Box::new(ReportStream::text(std::io::stdout())),
         };
         let mut own = HashMap::new();
         for target in &config.targets {

@@ -54,6 +54,18 @@ struct Group {
     thread: Option<String>,
 }
 
+impl Group {
+    /// A kind of stall first seen at `now`: nothing sent or held yet.
+    fn new(now: Instant) -> Self {
+        Self {
+            next_allowed: now,
+            suppressed: None,
+            latest: None,
+            thread: None,
+        }
+    }
+}
+
 pub struct StormControl {
     interval: Duration,
     max_per_hour: u32,
@@ -92,12 +104,7 @@ impl StormControl {
             let group = self
                 .groups
                 .entry(report.fingerprint.clone())
-                .or_insert_with(|| Group {
-                    next_allowed: now,
-                    suppressed: None,
-                    latest: None,
-                    thread: None,
-                });
+                .or_insert_with(|| Group::new(now));
             group.next_allowed = now + self.interval;
             self.sent.push_back(now);
             return Some(Due {
@@ -113,12 +120,7 @@ impl StormControl {
         let group = self
             .groups
             .entry(report.fingerprint.clone())
-            .or_insert_with(|| Group {
-                next_allowed: now,
-                suppressed: None,
-                latest: None,
-                thread: None,
-            });
+            .or_insert_with(|| Group::new(now));
         match &mut group.suppressed {
             Some(suppressed) => {
                 suppressed.count += 1;

@@ -7,45 +7,9 @@
 //! captured request arguments, even symbol names): text that reaches a
 //! terminal or a mail reader has its control characters escaped, so a
 //! request cannot move the cursor, rewrite earlier lines or reorder text.
-use std::{borrow::Cow, fmt::Write as _, io::Write};
+use std::{borrow::Cow, fmt::Write as _};
 
-use super::Sink;
 use crate::report::{CompletionReport, FrameJson, Report, StallReport};
-
-/// Writes text reports to a stream (stdout with `--format text`), each
-/// followed by a blank line, flushed per report.
-pub struct TextStream<W: Write + Send> {
-    out: W,
-    failed: bool,
-}
-
-impl<W: Write + Send> TextStream<W> {
-    pub fn new(out: W) -> Self {
-        Self { out, failed: false }
-    }
-
-    #[cfg(test)]
-    fn into_inner(self) -> W {
-        self.out
-    }
-}
-
-impl<W: Write + Send> Sink for TextStream<W> {
-    fn emit(&mut self, report: &Report) {
-        let text = render(report);
-        let written = writeln!(self.out, "{text}").and_then(|()| self.out.flush());
-        if let Err(err) = written
-            && !self.failed
-        {
-            eprintln!("dogslow: writing reports to stdout failed: {err}");
-            self.failed = true;
-        }
-    }
-
-    fn finish(&mut self) {
-        let _ = self.out.flush();
-    }
-}
 
 /// The text form of any report; ends with a newline.
 pub fn render(report: &Report) -> String {
@@ -491,7 +455,8 @@ mod tests {
 
     #[test]
     fn text_stream_writes_each_report() {
-        let mut sink = TextStream::new(Vec::new());
+        use crate::sinks::{ReportStream, Sink as _};
+        let mut sink = ReportStream::text(Vec::new());
         sink.emit(&Report::Stall(Box::new(StallReport::example())));
         let text = String::from_utf8(sink.into_inner()).unwrap();
         assert!(text.starts_with("Undead request intercepted at:"));

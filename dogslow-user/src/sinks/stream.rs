@@ -1,25 +1,47 @@
-//! One JSON object per line, flushed per report so a supervisor killing the
-//! pipeline loses nothing already captured.
+//! Reports on a stream (stdout): JSON lines (`--format json`) or the text
+//! report followed by a blank line (`--format text`), flushed per report so
+//! a supervisor killing the pipeline loses nothing already captured.
 use std::io::Write;
 
-use super::Sink;
+use super::{Sink, text};
 use crate::report::Report;
 
-pub struct JsonLines<W: Write + Send> {
+pub struct ReportStream<W: Write + Send> {
     out: W,
+    /// The report's text, without the final line ending.
+    render: fn(&Report) -> String,
     failed: bool,
 }
 
-impl<W: Write + Send> JsonLines<W> {
-    pub fn new(out: W) -> Self {
-        Self { out, failed: false }
+impl<W: Write + Send> ReportStream<W> {
+    /// One JSON object per line.
+    pub fn json(out: W) -> Self {
+        Self::new(out, Report::to_json_line)
+    }
+
+    /// The human report, each followed by a blank line.
+    pub fn text(out: W) -> Self {
+        Self::new(out, text::render)
+    }
+
+    fn new(out: W, render: fn(&Report) -> String) -> Self {
+        Self {
+            out,
+            render,
+            failed: false,
+        }
+    }
+
+    #[cfg(test)]
+    pub fn into_inner(self) -> W {
+        self.out
     }
 }
 
-impl<W: Write + Send> Sink for JsonLines<W> {
+impl<W: Write + Send> Sink for ReportStream<W> {
     fn emit(&mut self, report: &Report) {
-        let line = report.to_json_line();
-        let written = writeln!(self.out, "{line}").and_then(|()| self.out.flush());
+        let text = (self.render)(report);
+        let written = writeln!(self.out, "{text}").and_then(|()| self.out.flush());
         if let Err(err) = written
             && !self.failed
         {
@@ -40,7 +62,7 @@ mod tests {
 
     #[test]
     fn one_line_per_report() {
-        let mut sink = JsonLines::new(Vec::new());
+        let mut sink = ReportStream::json(Vec::new());
         let report = Report::Completed(CompletionReport {
             kind: "completed",
             id: "x".into(),
